@@ -1,0 +1,207 @@
+"""Checkpoint folders: find, validate and load weights (pickle-free), save and convert to safetensors.
+
+A folder holds `config.json`, the tokenizer files and weights as one of:
+`model.safetensors`, `model.safetensors.index.json` + shards, or `pytorch_model.bin` (the official
+MolmoE release: one fp32 pickle, read with `weights_only=True, mmap=True`, never a full unpickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import MolmoeConfig
+from .model import MolmoeForCausalLM
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+# Files copied next to the weights by `convert` (whichever exist).
+SIDE_FILES = (
+    "config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+)  # fmt: skip
+SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A weights folder that cannot be loaded as this model: says which file and which tensors."""
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder, in load order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+    if (folder / SAFETENSORS_INDEX).is_file():
+        index_path = folder / SAFETENSORS_INDEX
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object ({err})") from err
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path} names shards that do not exist: {', '.join(missing)}")
+        return shards
+    for name in (SAFETENSORS, PICKLE):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise FileNotFoundError(f"no weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} + shards, or {PICKLE}")
+
+
+def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from every weight file, lazily (memory-mapped where the format allows)."""
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        yield name, f.get_tensor(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupted?): {err}") from err
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # torch raises several types for bad zips and disallowed pickles
+                raise CheckpointError(f"{path}: unreadable PyTorch checkpoint (truncated, corrupted or not a state dict): {err}") from err
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+            yield from state.items()
+
+
+def _check_names(expected: dict[str, torch.Size], found: dict[str, torch.Size], folder: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(n for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
+    if not (missing or unexpected or misshaped):
+        return
+
+    def listing(names: list[str], show=lambda n: n) -> str:
+        head = ", ".join(show(n) for n in names[:8])
+        return head + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)}: {listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}: {listing(unexpected)}")
+    if misshaped:
+        parts.append(
+            f"mis-shaped {len(misshaped)}: "
+            + listing(misshaped, lambda n: f"{n} (checkpoint {list(found[n])}, config expects {list(expected[n])})")
+        )
+    raise CheckpointError(f"weights in {folder} do not match its config.json: " + "; ".join(parts))
+
+
+def build_model(config: MolmoeConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MolmoeForCausalLM:
+    """Allocate an uninitialised model (no random init work) on `device`."""
+    with torch.device("meta"):
+        model = MolmoeForCausalLM(config)
+    return model.to_empty(device=device).to(dtype)
+
+
+def load_weights(model: MolmoeForCausalLM, folder: str | Path) -> None:
+    """Strictly load a folder's weights into `model` (casting to its dtype and device)."""
+    folder = Path(folder)
+    slots = model.weight_slots()
+    expected = {name: t.shape for name, t in slots.items()}
+    found: dict[str, torch.Size] = {}
+    pending: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_tensors(folder):
+        found[name] = tensor.shape
+        if name in slots and tuple(slots[name].shape) == tuple(tensor.shape):
+            pending[name] = tensor
+    _check_names(expected, found, folder)
+    with torch.no_grad():
+        for name, tensor in pending.items():
+            slots[name].copy_(tensor)
+
+
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> MolmoeForCausalLM:
+    config = MolmoeConfig.from_folder(folder)
+    model = build_model(config, device, dtype)
+    load_weights(model, folder)
+    return model.eval().requires_grad_(False)
+
+
+def save_weights(model: MolmoeForCausalLM, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write the model's weights under their original names as safetensors (sharded when large)."""
+    tensors = ((name, t) for name, t in model.weight_slots().items())
+    write_safetensors(tensors, Path(folder), dtype)
+
+
+def write_safetensors(
+    tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, dtype: torch.dtype | None, shard_bytes: int = SHARD_BYTES
+) -> None:
+    """Stream (name, tensor) pairs into `model.safetensors`, or numbered shards plus an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    for name, tensor in tensors:
+        t = tensor.detach().to("cpu", dtype or tensor.dtype).clone().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / SAFETENSORS), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def convert(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES) -> None:
+    """One-time conversion of a checkpoint folder (e.g. the fp32 `pytorch_model.bin`) to sharded safetensors.
+
+    Validates names and shapes against the folder's config first, then streams tensor by tensor, so peak
+    memory stays near one shard.
+    """
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise ValueError("convert: destination must differ from the source folder")
+    config = MolmoeConfig.from_folder(src)
+    with torch.device("meta"):
+        expected = {n: t.shape for n, t in MolmoeForCausalLM(config).weight_slots().items()}
+    _check_names(expected, {n: t.shape for n, t in iter_tensors(src)}, src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            (dst / name).write_bytes((src / name).read_bytes())
+    write_safetensors(iter_tensors(src), dst, dtype, shard_bytes)
+    log.info("converted %s -> %s (%s)", src, dst, dtype)
+
+
+def fingerprint(folder: str | Path) -> str:
+    """A short identity of a checkpoint: its config plus the names, sizes and leading bytes of its weight files.
+
+    Cheap (no full read of a 29 GB file) and stable across copies of the same folder; used to refuse
+    controller artifacts, tables and importance rankings measured on another model.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in weight_files(folder):
+        h.update(path.name.encode())
+        h.update(str(path.stat().st_size).encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]

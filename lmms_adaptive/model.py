@@ -1,0 +1,454 @@
+"""MolmoE in plain PyTorch: CLIP ViT + attention pooling + projector + OLMoE decoder with a static KV cache.
+
+The module tree mirrors the original parameter names (`model.transformer.blocks.{i}.attn.att_proj.weight`,
+...), except that each block's 64 experts live in two stacked tensors (`Experts.gate_up`, `Experts.down`);
+`weight_slots()` maps every original name to the tensor (or stacked slice) that holds it, and is the one
+place checkpoints are loaded into and saved from.
+
+Per request the decoder runs a `LayerSchedule`: which blocks run, in order, and each one's MoE top-k.
+A block that is not in the schedule runs neither at prefill nor at decode and gets no KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MolmoeConfig, VisionConfig
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    """The decoder's execution for one request: (block index, MoE top-k) for each active block, in order."""
+
+    layers: tuple[tuple[int, int], ...]
+    renormalize: bool = False
+
+    @classmethod
+    def full(cls, config: MolmoeConfig, top_k: int | None = None) -> LayerSchedule:
+        k = config.moe_top_k if top_k is None else top_k
+        return cls(tuple((i, k) for i in range(config.n_layers)))
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(i for i, _ in self.layers)
+
+
+class RMSNorm(nn.Module):
+    """OLMo's RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vision
+# ----------------------------------------------------------------------------------------------------
+
+
+class ViTAttention(nn.Module):
+    """Multi-head attention with biases; used by the ViT blocks and by the 2x2 pooling (query != keys)."""
+
+    def __init__(self, in_dim: int, n_heads: int, head_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        inner = n_heads * head_dim
+        self.wq = nn.Linear(in_dim, inner)
+        self.wk = nn.Linear(in_dim, inner)
+        self.wv = nn.Linear(in_dim, inner)
+        self.wo = nn.Linear(inner, out_dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2).float()
+
+    def forward(self, q_in: Tensor, kv_in: Tensor) -> Tensor:
+        q, k, v = self._heads(self.wq(q_in)), self._heads(self.wk(kv_in)), self._heads(self.wv(kv_in))
+        out = F.scaled_dot_product_attention(q, k, v)  # fp32, as the original's float32_attention
+        return self.wo(out.transpose(1, 2).flatten(2).to(q_in.dtype))
+
+
+class ViTMLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(width, hidden)
+        self.w2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w1(x)
+        return self.w2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.attention = ViTAttention(cfg.width, cfg.n_heads, cfg.head_dim, cfg.width)
+        self.feed_forward = ViTMLP(cfg.width, cfg.mlp_dim)
+        self.attention_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.ffn_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.attention_norm(x)
+        x = x + self.attention(h, h)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class ViTStack(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layers))
+
+
+class VisionTransformer(nn.Module):
+    """OpenAI CLIP ViT (pre-LN, no post-LN); returns every block's output."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.n_positions, cfg.width))
+        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.width, bias=False)
+        self.pre_ln = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.transformer = ViTStack(cfg)
+
+    def forward(self, patches: Tensor) -> list[Tensor]:
+        x = self.patch_embedding(patches)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.pre_ln(x)
+        hidden = []
+        for block in self.transformer.resblocks:
+            x = block(x)
+            hidden.append(x)
+        return hidden
+
+
+class Projector(nn.Module):
+    """SwiGLU connector from pooled ViT features to d_model."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(in_dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, out_dim, bias=False)
+        self.w3 = nn.Linear(in_dim, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class VisionBackbone(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        v = config.vision
+        self.vit_layers = config.vit_layers
+        self.image_vit = VisionTransformer(v)
+        self.image_pooling_2d = ViTAttention(config.image_feature_dim, v.n_heads, v.head_dim, v.width)
+        self.image_projector = Projector(v.width, config.expert_hidden, config.d_model)
+        self.pad_embed = nn.Parameter(torch.zeros(2, config.image_feature_dim))
+
+    def forward(self, images: Tensor, image_masks: Tensor) -> Tensor:
+        """images [T, patches, patch_dim], image_masks [T, patches] -> features [T, pooled, d_model]."""
+        n_crops, n_patches, _ = images.shape
+        is_crop = ~(images == -1).all(dim=(1, 2))  # all -1 crops are batch padding
+        hidden = self.image_vit(images)
+        feats = torch.cat([hidden[layer] for layer in self.vit_layers], dim=-1)[:, 1:]
+        feats = feats * is_crop[:, None, None].to(feats.dtype)
+        all_pad = (image_masks == 0).to(feats.dtype)[..., None]
+        partial_pad = ((image_masks < 1) & (image_masks != 0)).to(feats.dtype)[..., None]
+        feats = feats + self.pad_embed[0].to(feats.dtype) * all_pad + self.pad_embed[1].to(feats.dtype) * partial_pad
+        side = math.isqrt(n_patches)
+        pooled_side = side // 2
+        windows = (
+            feats.view(n_crops, pooled_side, 2, pooled_side, 2, -1)
+            .permute(0, 1, 3, 2, 4, 5)
+            .reshape(n_crops * pooled_side * pooled_side, 4, -1)
+        )
+        pooled = self.image_pooling_2d(windows.mean(dim=1, keepdim=True), windows)
+        return self.image_projector(pooled.view(n_crops, pooled_side * pooled_side, -1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """Llama-style RoPE cos/sin in fp32 for positions [B, T] -> [B, 1, T, head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for the active blocks of one request; skipped blocks have none."""
+
+    def __init__(self, blocks: tuple[int, ...], batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor):
+        shape = (batch, n_heads, max_len, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=like.dtype, device=like.device) for i in blocks}
+        self.v = {i: torch.zeros(shape, dtype=like.dtype, device=like.device) for i in blocks}
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, block: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[block][:, :, start:end] = k
+        self.v[block][:, :, start:end] = v
+        return self.k[block][:, :, :end], self.v[block][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.attn_norm = RMSNorm(d, config.layer_norm_eps)
+        self.att_proj = nn.Linear(d, 3 * d, bias=False)
+        self.q_norm = RMSNorm(d, config.layer_norm_eps)
+        self.k_norm = RMSNorm(d, config.layer_norm_eps)
+        self.attn_out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None, block: int) -> Tensor:
+        q, k, v = self.att_proj(self.attn_norm(x)).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm over the full width, before the head split
+        q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(block, start, k, v)
+        if mask is None and start > 0 and q.shape[2] > 1:  # a chunk after cached tokens: offset causal mask
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=start)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.attn_out(out.transpose(1, 2).flatten(2))
+
+
+class Experts(nn.Module):
+    """All experts of one block, stacked: gate_up [E, 2H, D] (gate rows then up rows), down [E, D, H]."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gate_up = nn.Parameter(torch.zeros(n_experts, 2 * hidden, d_model))
+        self.down = nn.Parameter(torch.zeros(n_experts, d_model, hidden))
+
+    def slots(self, prefix: str) -> dict[str, Tensor]:
+        """Original per-expert parameter names -> views into the stacked tensors."""
+        out = {}
+        for e in range(self.gate_up.shape[0]):
+            out[f"{prefix}.{e}.gate_proj.weight"] = self.gate_up[e, : self.hidden]
+            out[f"{prefix}.{e}.up_proj.weight"] = self.gate_up[e, self.hidden :]
+            out[f"{prefix}.{e}.down_proj.weight"] = self.down[e]
+        return out
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """x [N, D], weights/experts [N, k] -> [N, D]; the work follows N * k, never all experts."""
+        n, k = experts.shape
+        if n * k <= self.gate_up.shape[0]:
+            return self._gathered(x, weights, experts)
+        return self._grouped(x, weights, experts)
+
+    def _gathered(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """Few tokens (decode): gather only the chosen experts' weights and batch-matmul them."""
+        n, k = experts.shape
+        flat = experts.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)
+        gate, up = torch.bmm(self.gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)
+        y = torch.bmm(self.down[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
+        return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+
+    def _grouped(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """Many tokens (prefill): sort token copies by expert and run one matmul per expert group."""
+        k = experts.shape[1]
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_up.shape[0])
+        gate, up = grouped_matmul(x[token], self.gate_up, counts).chunk(2, dim=-1)
+        y = grouped_matmul(F.silu(gate) * up, self.down, counts) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def reference(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        """The original implementation's loop over every expert; the oracle for tests, never the fast path."""
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up.shape[0]):
+            token, slot = torch.where(experts == e)
+            gate, up = (x[token] @ self.gate_up[e].T).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.down[e].T
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out
+
+
+def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """Rows of x sorted by group, w [G, out, in], counts [G] -> x_g @ w_g.T for each group g."""
+    if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    sizes = counts.tolist()  # one host sync per block, then only the experts that received tokens
+    outs = [chunk @ w[g].T for g, chunk in enumerate(x.split(sizes)) if sizes[g]]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+class MoE(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
+        self.gate = nn.Linear(config.d_model, config.moe_num_experts, bias=False)
+        self.experts = Experts(config.moe_num_experts, config.d_model, config.expert_hidden)
+        self.use_reference = False
+
+    def forward(self, x: Tensor, top_k: int, renormalize: bool) -> Tensor:
+        shape = x.shape
+        h = self.ff_norm(x).reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(h).float(), dim=-1)  # over all experts, in fp32
+        weights, experts = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(h.dtype)
+        run = self.experts.reference if self.use_reference else self.experts
+        return run(h, weights, experts).view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        self.attn = Attention(config)
+        self.mlp = MoE(config)
+
+    def forward(self, x, rope, mask, cache, block: int, top_k: int, renormalize: bool) -> Tensor:
+        x = x + self.attn(x, rope, mask, cache, block)
+        return x + self.mlp(x, top_k, renormalize)
+
+
+class Embedding(nn.Module):
+    """The base vocabulary table plus the extra rows (`new_embedding`) appended after it."""
+
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(config.embedding_size, config.d_model))
+        self.new_embedding = nn.Parameter(torch.zeros(config.additional_vocab_size, config.d_model))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        base = self.embedding.shape[0]
+        ids = ids.clamp(min=0)  # padding (-1) embeds as id 0, as in the original
+        extra = ids >= base
+        x = F.embedding(ids.clamp(max=base - 1), self.embedding)
+        if extra.any():
+            x = torch.where(extra[..., None], F.embedding((ids - base).clamp(min=0), self.new_embedding), x)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        self.wte = Embedding(config)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = RMSNorm(config.d_model, config.layer_norm_eps)
+
+
+class MolmoeBackbone(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        self.transformer = Transformer(config)
+        self.vision_backbone = VisionBackbone(config)
+
+
+class MolmoeForCausalLM(nn.Module):
+    def __init__(self, config: MolmoeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MolmoeBackbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.embedding_size, bias=False)
+
+    # -- weights ----------------------------------------------------------------------------------
+
+    def weight_slots(self) -> dict[str, Tensor]:
+        """Every original checkpoint parameter name -> the tensor (or view) that holds it."""
+        slots: dict[str, Tensor] = {}
+        stacked = set()
+        for name, module in self.named_modules():
+            if isinstance(module, Experts):
+                slots.update(module.slots(name))
+                stacked.update({f"{name}.gate_up", f"{name}.down"})
+        slots.update((name, p) for name, p in self.named_parameters() if name not in stacked)
+        return slots
+
+    def set_reference_moe(self, enabled: bool) -> None:
+        """Route every MoE through the per-expert loop of the original code (tests only)."""
+        for block in self.model.transformer.blocks:
+            block.mlp.use_reference = enabled
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def encode_images(self, images: Tensor, image_masks: Tensor) -> Tensor:
+        """Vision stage: [T, 576, 588] crops -> [T, 144, d_model] features to add to the prompt."""
+        return self.model.vision_backbone(images.to(self.lm_head.weight.dtype), image_masks)
+
+    def embed(self, input_ids: Tensor, image_features: Tensor | None = None, image_input_idx: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, L, D] with image features ADDED at their `<im_patch>` positions."""
+        x = self.model.transformer.wte(input_ids)
+        if image_features is not None:
+            batch = x.shape[0]
+            feats = image_features.reshape(batch, -1, x.shape[-1]).to(x.dtype)
+            idx = image_input_idx.reshape(batch, -1)
+            valid = idx >= 0
+            rows = torch.arange(batch, device=x.device)[:, None].expand_as(idx)
+            x = x.index_put((rows[valid], idx[valid]), feats[valid], accumulate=True)
+        return x
+
+    def new_cache(self, schedule: LayerSchedule, max_len: int, batch: int = 1) -> KVCache:
+        c = self.config
+        return KVCache(schedule.blocks, batch, c.n_heads, max_len, c.head_dim, self.lm_head.weight)
+
+    def decode_layers(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        schedule: LayerSchedule,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run the scheduled blocks over x [B, T, D] at `positions` [B, T]; returns the final-normed hidden.
+
+        `attention_mask` [B, T] (True = real token) is only needed for padded batches without a cache.
+        """
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        mask = None
+        if attention_mask is not None:
+            t = x.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            mask = (causal[None] & attention_mask[:, None, :])[:, None]
+        blocks = self.model.transformer.blocks
+        for index, top_k in schedule.layers:
+            x = blocks[index](x, rope, mask, cache, index, top_k, schedule.renormalize)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.model.transformer.ln_f(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
+
+
+def count_parameters(model: MolmoeForCausalLM) -> int:
+    return sum(t.numel() for t in model.weight_slots().values())

@@ -1,0 +1,259 @@
+"""One request end to end: preprocess -> vision -> prefill -> decode, executing a `Plan`, timed per stage.
+
+    rt = AdaptiveMolmoe.from_pretrained("/ckpt/MolmoE-1B-0924")        # or None: the built-in tiny model
+    out = rt.generate("What is written?", [image], Plan(max_crops=6, top_k=6, n_blocks=14), style="text_vqa")
+    out.text, out.token_ids, out.first_logits, out.timings.total_ms
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import fingerprint, load_model
+from .model import LayerSchedule, MolmoeForCausalLM
+from .plan import KnobSpace, Plan
+from .processor import MolmoeProcessor, ProcessedRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+    keep_step_logits: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+@dataclass
+class Timings:
+    """Milliseconds at batch size 1, each stage closed by a device synchronisation."""
+
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)  # one entry per decode forward, in order
+    total_ms: float = 0.0
+
+    @property
+    def decode_total_ms(self) -> float:
+        return float(sum(self.decode_ms))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preprocess_ms": self.preprocess_ms,
+            "vision_ms": self.vision_ms,
+            "prefill_ms": self.prefill_ms,
+            "decode_ms": list(self.decode_ms),
+            "decode_total_ms": self.decode_total_ms,
+            "total_ms": self.total_ms,
+        }
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    first_logits: Tensor  # [vocab] float32 on the CPU: the logits that chose the first token
+    timings: Timings
+    plan: Plan
+    n_prompt_tokens: int
+    n_image_tokens: int
+    n_crops: int
+    stop_reason: str  # "eos" | "stop" | "length"
+    step_logits: list[Tensor] | None = None  # per generated token, when GenerationConfig.keep_step_logits
+
+
+class Clock:
+    """Wall clock in ms that first waits for the device, so stage boundaries are real."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() * 1000.0
+
+
+def pick_token(logits: Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> int:
+    """Greedy, or temperature + nucleus (top-p) sampling, from logits [vocab]."""
+    if not gen.do_sample:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / gen.temperature, dim=-1)
+    sorted_p, sorted_ids = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < gen.top_p  # smallest prefix whose mass reaches top_p
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p.cpu() / sorted_p.sum().cpu(), 1, generator=rng)
+    return int(sorted_ids.cpu()[choice])
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+class AdaptiveMolmoe:
+    """A loaded MolmoE (model + processor + knob space) that runs requests under a per-request plan."""
+
+    def __init__(
+        self,
+        model: MolmoeForCausalLM,
+        processor: MolmoeProcessor,
+        drop_order: Sequence[int] | None = None,
+        model_id: str = "",
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.knobs = KnobSpace.from_config(model.config)
+        self.drop_order = tuple(drop_order) if drop_order is not None else self.knobs.default_drop_order()
+        self.model_id = model_id
+        self.device = model.lm_head.weight.device
+        self.clock = Clock(self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None
+    ) -> AdaptiveMolmoe:
+        """Load a checkpoint folder (default: the built-in tiny model, built on first use)."""
+        if folder is None:
+            from .tiny import default_checkpoint
+
+            folder = default_checkpoint()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = resolve_dtype(dtype, device)
+        model = load_model(folder, device, torch_dtype)
+        processor = MolmoeProcessor.from_pretrained(folder)
+        log.info("loaded %s on %s (%s)", folder, device, torch_dtype)
+        return cls(model, processor, model_id=fingerprint(folder))
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def schedule(self, plan: Plan) -> LayerSchedule:
+        return self.knobs.schedule(plan, self.drop_order)
+
+    def generate(
+        self,
+        question: str,
+        images: Sequence[Any] | Any | None = None,
+        plan: Plan | None = None,
+        gen: GenerationConfig | None = None,
+        style: str | None = None,
+    ) -> Generation:
+        """Preprocess and run one request; `timings.total_ms` includes the preprocessing."""
+        plan = plan or self.knobs.full_plan()
+        start = self.clock.now()
+        request = self.processor(question, images, max_crops=plan.max_crops, style=style)
+        preprocess_ms = self.clock.now() - start
+        out = self.run(request, plan, gen)
+        out.timings.preprocess_ms = preprocess_ms
+        out.timings.total_ms += preprocess_ms
+        return out
+
+    @torch.inference_mode()
+    def run(self, request: ProcessedRequest, plan: Plan, gen: GenerationConfig | None = None) -> Generation:
+        """Execute an already preprocessed request with `plan` (its max_crops must match the request's)."""
+        gen = gen or GenerationConfig()
+        schedule = self.schedule(plan)
+        clock, model, dev = self.clock, self.model, self.device
+        timings = Timings()
+        t0 = clock.now()
+
+        ids = torch.as_tensor(request.input_ids, device=dev)[None]
+        features = idx = None
+        if request.images is not None:
+            features = model.encode_images(
+                torch.as_tensor(request.images, device=dev), torch.as_tensor(request.image_masks, device=dev)
+            )
+            idx = torch.as_tensor(request.image_input_idx, device=dev)
+        t1 = clock.now()
+        timings.vision_ms = t1 - t0
+
+        n_prompt = ids.shape[1]
+        cache = model.new_cache(schedule, n_prompt + gen.max_new_tokens)
+        hidden = model.decode_layers(model.embed(ids, features, idx), torch.arange(n_prompt, device=dev)[None], schedule, cache)
+        logits = model.logits(hidden[0, -1]).float()
+        t2 = clock.now()
+        timings.prefill_ms = t2 - t1
+
+        rng = torch.Generator().manual_seed(gen.seed) if gen.do_sample else None
+        eos = self.processor.special.eos
+        first_logits = logits.cpu()
+        step_logits = [first_logits] if gen.keep_step_logits else None
+        tokens: list[int] = []
+        text, stop_reason = "", "length"
+        while True:
+            token = pick_token(logits, gen, rng)
+            if token == eos and gen.stop_at_eos:
+                stop_reason = "eos"
+                break
+            tokens.append(token)
+            if gen.stop:
+                text = self.processor.decode(tokens)
+                cut = first_stop(text, gen.stop)
+                if cut is not None:
+                    text, stop_reason = text[:cut], "stop"
+                    break
+            if len(tokens) >= gen.max_new_tokens:
+                break
+            t_step = clock.now()
+            position = torch.tensor([[cache.length]], device=dev)
+            hidden = model.decode_layers(model.embed(torch.tensor([[token]], device=dev)), position, schedule, cache)
+            logits = model.logits(hidden[0, -1]).float()
+            if step_logits is not None:
+                step_logits.append(logits.cpu())
+            timings.decode_ms.append(clock.now() - t_step)
+        if stop_reason != "stop":
+            text = self.processor.decode(tokens)
+        timings.total_ms = clock.now() - t0
+        return Generation(
+            text=text.strip(),
+            token_ids=tokens,
+            first_logits=first_logits,
+            timings=timings,
+            plan=plan,
+            n_prompt_tokens=n_prompt,
+            n_image_tokens=request.n_image_tokens,
+            n_crops=request.n_crops,
+            stop_reason=stop_reason,
+            step_logits=step_logits,
+        )
+
+    def warmup(self, plans: Sequence[Plan] | None = None, steps: int = 2) -> None:
+        """Run throw-away requests so first-call costs (allocations, kernel selection) are not timed."""
+        image = np.full((480, 640, 3), 127, dtype=np.uint8)
+        for plan in plans or [self.knobs.full_plan(self.knobs.tiers[0])]:
+            self.generate("warm up", [image], plan, GenerationConfig(max_new_tokens=steps, stop_at_eos=False))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bf16 on a GPU, fp32 elsewhere; accepts 'bf16'/'bfloat16'/'fp32'/'float32'/'fp16'/'float16'."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {', '.join(names)} or auto, got {dtype!r}")
+    return names[dtype]
