@@ -170,6 +170,16 @@ class AdaptiveMolmoe:
         out.timings.total_ms += preprocess_ms
         return out
 
+    def _vision(self, request: ProcessedRequest) -> tuple[Tensor | None, Tensor | None]:
+        """The vision stage: image features and the positions they are added at (None without images)."""
+        if request.images is None:
+            return None, None
+        dev = self.device
+        features = self.model.encode_images(
+            torch.as_tensor(request.images, device=dev), torch.as_tensor(request.image_masks, device=dev)
+        )
+        return features, torch.as_tensor(request.image_input_idx, device=dev)
+
     @torch.inference_mode()
     def run(self, request: ProcessedRequest, plan: Plan, gen: GenerationConfig | None = None) -> Generation:
         """Execute an already preprocessed request with `plan` (its max_crops must match the request's)."""
@@ -180,12 +190,7 @@ class AdaptiveMolmoe:
         t0 = clock.now()
 
         ids = torch.as_tensor(request.input_ids, device=dev)[None]
-        features = idx = None
-        if request.images is not None:
-            features = model.encode_images(
-                torch.as_tensor(request.images, device=dev), torch.as_tensor(request.image_masks, device=dev)
-            )
-            idx = torch.as_tensor(request.image_input_idx, device=dev)
+        features, idx = self._vision(request)
         t1 = clock.now()
         timings.vision_ms = t1 - t0
 
@@ -238,6 +243,23 @@ class AdaptiveMolmoe:
             stop_reason=stop_reason,
             step_logits=step_logits,
         )
+
+    @torch.inference_mode()
+    def score(self, request: ProcessedRequest, continuation: Sequence[int], plan: Plan) -> tuple[float, bool]:
+        """Log-probability of `continuation` token ids after the request's prompt, and whether greedy decoding
+        would produce exactly them (lmms-eval's `loglikelihood`)."""
+        if not continuation:
+            raise ValueError("score: the continuation is empty")
+        model, dev = self.model, self.device
+        ids = torch.as_tensor(np.concatenate([request.input_ids, np.asarray(continuation, dtype=np.int64)]), device=dev)[None]
+        features, idx = self._vision(request)
+        positions = torch.arange(ids.shape[1], device=dev)[None]
+        hidden = model.decode_layers(model.embed(ids, features, idx), positions, self.schedule(plan))
+        n = len(continuation)
+        logprobs = torch.log_softmax(model.logits(hidden[0, -n - 1 : -1]).float(), dim=-1)
+        target = ids[0, -n:]
+        total = logprobs.gather(-1, target[:, None]).sum()
+        return float(total), bool((logprobs.argmax(-1) == target).all())
 
     def warmup(self, plans: Sequence[Plan] | None = None, steps: int = 2) -> None:
         """Run throw-away requests so first-call costs (allocations, kernel selection) are not timed."""

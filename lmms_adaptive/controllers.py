@@ -1,0 +1,119 @@
+"""Controllers: per-request knob selection under a latency budget.
+
+The interface has the two decision points of the design:
+- `stage1(facts)`, before the vision encoder: sees the budget, the question and cheap request facts
+  (exact prompt tokens per tier for this image, max_new_tokens) and returns a `Stage1` decision:
+  the vision tier and the insertion position, plus the whole plan if it decides everything now;
+- `stage2(facts, first, hidden)`, at block `insert_pos`: sees the hidden state there and returns the
+  complete plan (top-k and active blocks). Only two-stage controllers implement it.
+
+`static` decides everything at stage 1. Controller artifacts are self-describing JSON files
+(`kind`, `model_fingerprint`, `knob_space`, ...) and refuse to load for another model.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .plan import KnobSpace, Plan
+
+BUILTIN_CONTROLLERS = ("static", "lookup", "grpo")
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What a controller may know before the vision encoder runs (all cheap to compute)."""
+
+    budget_ms: float | None
+    question: str
+    image_sizes: tuple[tuple[int, int], ...]  # (height, width) per image
+    prompt_tokens_per_tier: dict[int, int]  # max_crops -> exact prompt length with the images at that tier
+    text_tokens: int
+    max_new_tokens: int
+    task: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage1:
+    max_crops: int
+    insert_pos: int
+    plan: Plan | None = None  # set when the controller decides everything before the vision encoder
+
+
+class Controller(ABC):
+    kind: str
+
+    @abstractmethod
+    def stage1(self, facts: RequestFacts) -> Stage1: ...
+
+    def stage2(self, facts: RequestFacts, first: Stage1, hidden: Tensor) -> Plan:
+        raise NotImplementedError(f"the {self.kind} controller decides every knob at stage 1")
+
+    def describe(self) -> dict[str, Any]:
+        """What goes into each request record about the controller."""
+        return {"kind": self.kind}
+
+
+class StaticController(Controller):
+    """The same plan for every request, whatever the budget."""
+
+    kind = "static"
+
+    def __init__(self, plan: Plan, knobs: KnobSpace) -> None:
+        knobs.validate(plan)
+        self.plan = plan
+
+    def stage1(self, facts: RequestFacts) -> Stage1:
+        return Stage1(self.plan.max_crops, self.plan.insert_pos, self.plan)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "plan": self.plan.to_dict()}
+
+
+class ArtifactError(ValueError):
+    """A controller artifact that is unreadable, of an unknown kind, or made for another model."""
+
+
+def read_artifact(path: str | Path, model_fingerprint: str, knobs: KnobSpace) -> dict[str, Any]:
+    """Read a controller artifact and check it belongs to this model and knob space."""
+    path = Path(path)
+    try:
+        artifact = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"controller artifact {path}: not readable JSON ({err})") from err
+    for key in ("kind", "model_fingerprint", "knob_space"):
+        if key not in artifact:
+            raise ArtifactError(f"controller artifact {path}: required key '{key}' is missing")
+    if artifact["model_fingerprint"] != model_fingerprint:
+        raise ArtifactError(
+            f"controller artifact {path} was made for model {artifact['model_fingerprint']}, "
+            f"but the loaded model is {model_fingerprint}: build or train one for this model"
+        )
+    expected = knob_space_json(knobs)
+    if artifact["knob_space"] != expected:
+        raise ArtifactError(f"controller artifact {path}: its knob space {artifact['knob_space']} differs from the model's {expected}")
+    return artifact
+
+
+def knob_space_json(knobs: KnobSpace) -> dict[str, Any]:
+    """The knob space as it reads back from JSON (lists, not tuples), for comparing artifacts."""
+    return json.loads(json.dumps(asdict(knobs)))
+
+
+def static_artifact(plan: Plan, model_fingerprint: str, knobs: KnobSpace) -> dict[str, Any]:
+    return {"kind": "static", "model_fingerprint": model_fingerprint, "knob_space": knob_space_json(knobs), "plan": plan.to_dict()}
+
+
+def load_controller(artifact: dict[str, Any], knobs: KnobSpace) -> Controller:
+    kind = artifact["kind"]
+    if kind == "static":
+        return StaticController(Plan(**artifact["plan"]), knobs)
+    raise ArtifactError(f"controller artifact of kind {kind!r} is not supported by this version (known: static)")

@@ -1,0 +1,106 @@
+"""Per-request latency records (one JSON line each) and their aggregates."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    task: str
+    doc_id: int
+    split: str
+    request_type: str  # "generate_until" | "loglikelihood"
+    controller: dict[str, Any]
+    budget_ms: float | None
+    plan: dict[str, Any]
+    n_prompt_tokens: int
+    n_image_tokens: int
+    n_crops: int
+    n_output_tokens: int
+    controller_ms: float
+    preprocess_ms: float
+    vision_ms: float
+    prefill_ms: float
+    decode_ms: list[float]
+    total_ms: float  # end to end: controller + preprocessing + vision + prefill + decode
+    violated: bool | None  # None when no budget was given
+    stop_reason: str
+    model_fingerprint: str
+    device: str
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+class RecordWriter:
+    """Appends whole JSON lines and flushes each one, so an interrupted run leaves a readable file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: RequestRecord) -> None:
+        self._file.write(record.to_json() + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a final partial line (a run killed mid-write) is skipped."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def plan_key(plan: dict[str, Any]) -> str:
+    return f"crops{plan['max_crops']}_k{plan['top_k']}_b{plan['n_blocks']}_p{plan['insert_pos']}"
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Latency statistics, violation rate and knob histograms of a set of records."""
+    if not records:
+        return {"n_requests": 0}
+    total = np.array([r["total_ms"] for r in records], dtype=float)
+    judged = [r["violated"] for r in records if r["violated"] is not None]
+    return {
+        "n_requests": len(records),
+        "latency_mean_ms": float(total.mean()),
+        "latency_p50_ms": float(np.percentile(total, 50)),
+        "latency_p95_ms": float(np.percentile(total, 95)),
+        "violation_rate": float(np.mean(judged)) if judged else None,
+        "controller_ms_mean": float(np.mean([r["controller_ms"] for r in records])),
+        "output_tokens_mean": float(np.mean([r["n_output_tokens"] for r in records])),
+        "knobs": {
+            knob: _histogram(r["plan"][knob] for r in records) for knob in ("max_crops", "top_k", "n_blocks", "insert_pos")
+        },
+        "plans": _histogram(plan_key(r["plan"]) for r in records),
+    }
+
+
+def _histogram(values: Iterable[Any]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(Counter(values).items())}
+
+
+def summarize_by_task(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    tasks = sorted({r["task"] for r in records})
+    return {task: summarize([r for r in records if r["task"] == task]) for task in tasks}

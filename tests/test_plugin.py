@@ -1,0 +1,218 @@
+"""The lmms-eval plugin: the mission CLI on the tiny default, built-in task configs, model_args errors, records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmms_adaptive.controllers import static_artifact
+from lmms_adaptive.plan import Plan
+from lmms_adaptive.records import RecordWriter, RequestRecord, read_records, summarize
+from lmms_adaptive.results import latest_results, task_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "tasks"
+LOCAL_TASKS = ("textvqa_val_local", "mme_local", "pope_local")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def offline_env(tmp_path_factory):
+    env = {**OFFLINE, "HF_HOME": str(tmp_path_factory.mktemp("hf"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield {**os.environ}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def lmm_class(offline_env):
+    from lmms_adaptive.lmms_plugin import AdaptiveMolmoeLMM
+
+    return AdaptiveMolmoeLMM
+
+
+def make_lmm(lmm_class, args: str):
+    return lmm_class.create_from_arg_string(args + ",warmup=false", {"batch_size": 1})
+
+
+@pytest.mark.slow
+def test_mission_cli_on_tiny_default(offline_env, tmp_path):
+    """The mission's command, as a subprocess; checks the files, since the CLI exits 0 on errors."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "lmms_eval", "--model", "adaptive_molmoe",
+        "--model_args", "controller=static,tier=low,top_k=6,blocks=7,budget=250",
+        "--include_path", str(TASKS), "--tasks", ",".join(LOCAL_TASKS),
+        "--output_path", str(out), "--log_samples", "--limit", "4", "--gen_kwargs", "max_new_tokens=4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=offline_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, results = latest_results(out)
+    for task in LOCAL_TASKS:
+        assert task_metrics(results, task), f"no metrics for {task}: {proc.stderr[-3000:]}"
+        assert list(out.rglob(f"*_samples_{task}.jsonl")), task
+    assert "avg_violation_rate" in results["throughput"]
+
+    (record_file,) = (out / "adaptive_molmoe").glob("*.jsonl")
+    records = read_records(record_file)
+    assert len(records) == 12  # 4 docs x 3 tasks, one record per request
+    assert {r["task"] for r in records} == set(LOCAL_TASKS)
+    for r in records:
+        assert r["plan"] == {"max_crops": 3, "top_k": 6, "n_blocks": 7, "insert_pos": 1, "renormalize": False}
+        assert r["budget_ms"] == 250.0
+        assert r["violated"] == (r["total_ms"] > 250.0)
+        assert r["n_output_tokens"] <= 4
+        assert r["total_ms"] >= r["vision_ms"] + r["prefill_ms"] + sum(r["decode_ms"])
+    summary = json.loads(record_file.with_suffix(".summary.json").read_text())
+    assert summary["overall"]["n_requests"] == 12
+    assert summary["overall"]["latency_p95_ms"] == pytest.approx(summarize(records)["latency_p95_ms"])
+
+
+@pytest.mark.slow
+def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch):
+    """The official textvqa_val / mme / pope configs and scorers, pointed at our local parquet files."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    monkeypatch.chdir(tmp_path)  # textvqa's aggregation writes submissions/ into the cwd
+    lmm = make_lmm(lmm_class, f"controller=static,tier=low,max_new_tokens=3,log_dir={tmp_path / 'records'}")
+    tasks = [
+        {"task": "textvqa_val", "dataset_path": "parquet",
+         "dataset_kwargs": {"data_files": {"validation": str(TASKS / "textvqa_val_local.parquet")}}},
+        {"task": "mme", "dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(TASKS / "mme_local.parquet")}}},
+        {"task": "pope", "dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(TASKS / "pope_local.parquet")}}},
+    ]  # fmt: skip
+    results = simple_evaluate(
+        model=lmm, tasks=tasks, limit=4, task_manager=TaskManager(), bootstrap_iters=0, datetime_str=str(time.time())
+    )
+    for task in ("textvqa_val", "mme", "pope"):
+        assert task_metrics(results, task), task
+    records = read_records(next((tmp_path / "records").glob("*.jsonl")))
+    assert sorted({r["task"] for r in records}) == ["mme", "pope", "textvqa_val"]
+    assert all(r["budget_ms"] is None and r["violated"] is None for r in records)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("colour=red", "unknown model_args colour"),
+        ("budget=0", "budget must be a positive"),
+        ("budget=-1", "budget must be a positive"),
+        ("top_k=9", "top_k must be an integer in 1..8"),
+        ("top_k=0", "top_k must be an integer in 1..8"),
+        ("tier=ultra", "tier must be one of low, medium, high"),
+        ("tier=low,max_crops=4", "either tier or max_crops"),
+        ("blocks=3", "blocks must be in 6..8"),
+        ("insert_pos=3,blocks=6", "blocks must be in 8..8 for insert_pos 3"),
+        ("insert_pos=9", "insert_pos must be one of [1, 2, 3]"),
+        ("max_new_tokens=0", "max_new_tokens must be a positive integer"),
+        ("pretrained=/no/such/folder", "pretrained='/no/such/folder': checkpoint folder not found"),
+        ("controller=lookup,budget=100", "controller='lookup' has no artifact"),
+        ("controller=fancy", "controller must be one of static, lookup, grpo"),
+        ("controller=lookup,top_k=4", "top_k only apply to controller=static"),
+        ("dtype=int8", "dtype must be one of"),
+    ],
+)
+def test_bad_model_args_name_the_problem(lmm_class, args, message):
+    with pytest.raises(ValueError, match=None) as err:
+        make_lmm(lmm_class, args)
+    assert message in str(err.value)
+
+
+def test_controller_artifact_for_another_model_is_refused(lmm_class, tmp_path):
+    lmm = make_lmm(lmm_class, "controller=static")
+    good = tmp_path / "static.json"
+    good.write_text(json.dumps(static_artifact(Plan(3, 5, 7), lmm.rt.model_id, lmm.rt.knobs)))
+    loaded = make_lmm(lmm_class, f"controller={good}")
+    assert loaded.controller.plan == Plan(3, 5, 7)
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(static_artifact(Plan(3, 5, 7), "0123456789abcdef", lmm.rt.knobs)))
+    with pytest.raises(ValueError, match="was made for model 0123456789abcdef"):
+        make_lmm(lmm_class, f"controller={other}")
+
+
+def test_batch_size_string_is_accepted_and_logged(lmm_class, caplog):
+    lmm = lmm_class.create_from_arg_string("warmup=false", {"batch_size": "4"})
+    assert lmm.rt is not None
+    assert "batch size 1" in caplog.text
+
+
+def test_generation_kwargs_and_styles(lmm_class):
+    from lmms_adaptive.lmms_plugin import task_style
+
+    lmm = make_lmm(lmm_class, "max_new_tokens=7")
+    gen = lmm._gen_config({"until": "ASSISTANT:", "temperature": 0})
+    assert (gen.stop, gen.max_new_tokens, gen.do_sample) == (("ASSISTANT:",), 7, False)
+    gen = lmm._gen_config({"until": ["\n\n"], "max_new_tokens": 3, "temperature": 0.7, "do_sample": True, "top_p": 0.9})
+    assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_p) == (3, True, 0.7, 0.9)
+    assert task_style("textvqa_val_local", "auto") == "text_vqa"
+    assert task_style("pope", "auto") == "vqa2"
+    assert task_style("unknown_task", "auto") is None
+    assert task_style("textvqa_val", "none") is None
+    assert task_style("textvqa_val", "doc_qa") == "doc_qa"
+
+
+def _record(i: int) -> RequestRecord:
+    return RequestRecord(
+        task="t", doc_id=i, split="test", request_type="generate_until", controller={"kind": "static"}, budget_ms=100.0,
+        plan=Plan(3, 8, 8).to_dict(), n_prompt_tokens=10, n_image_tokens=5, n_crops=2, n_output_tokens=3,
+        controller_ms=0.01, preprocess_ms=1.0, vision_ms=2.0, prefill_ms=3.0, decode_ms=[1.0, 1.0], total_ms=90.0 + 20 * (i % 2),
+        violated=(90.0 + 20 * (i % 2)) > 100.0, stop_reason="length", model_fingerprint="f", device="cpu",
+    )  # fmt: skip
+
+
+def test_killed_writer_leaves_whole_readable_lines(tmp_path):
+    """A run killed mid-stream leaves only whole, flushed JSON lines."""
+    path = tmp_path / "records.jsonl"
+    script = (
+        "import json, sys, time, dataclasses\n"
+        "from pathlib import Path\n"
+        "from lmms_adaptive.records import RecordWriter, RequestRecord\n"
+        f"base = RequestRecord(**json.loads({_record(0).to_json()!r}))\n"
+        f"w = RecordWriter(Path({str(path)!r}))\n"
+        "i = 0\n"
+        "while True:\n"
+        "    w.write(dataclasses.replace(base, doc_id=i)); i += 1; time.sleep(0.005)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not path.exists() or path.read_text().count("\n") < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    text = path.read_text()
+    lines = text.splitlines()
+    assert len(lines) >= 5 and text.endswith("\n")
+    assert [json.loads(line)["doc_id"] for line in lines] == list(range(len(lines)))
+
+
+def test_summary_statistics():
+    writer_records = [json.loads(_record(i).to_json()) for i in range(10)]
+    stats = summarize(writer_records)
+    assert stats["n_requests"] == 10
+    assert stats["latency_mean_ms"] == pytest.approx(100.0)
+    assert stats["violation_rate"] == pytest.approx(0.5)
+    assert stats["knobs"]["max_crops"] == {"3": 10}
+
+
+def test_record_writer_appends(tmp_path):
+    writer = RecordWriter(tmp_path / "r.jsonl")
+    writer.write(_record(0))
+    writer.close()
+    writer = RecordWriter(tmp_path / "r.jsonl")
+    writer.write(_record(1))
+    writer.close()
+    assert [r["doc_id"] for r in read_records(tmp_path / "r.jsonl")] == [0, 1]
