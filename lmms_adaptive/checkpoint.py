@@ -76,7 +76,10 @@ def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise CheckpointError(f"{path}: unreadable PyTorch checkpoint (truncated, corrupted or not a state dict): {err}") from err
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-            yield from state.items()
+            for name, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+                yield name, value
 
 
 def _check_names(expected: dict[str, torch.Size], found: dict[str, torch.Size], folder: Path) -> None:

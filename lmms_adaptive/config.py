@@ -179,6 +179,8 @@ class MolmoeConfig:
             raise ConfigError(f"{source}: d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
         if not 1 <= config.moe_top_k <= config.moe_num_experts:
             raise ConfigError(f"{source}: moe_top_k {config.moe_top_k} must be in 1..moe_num_experts ({config.moe_num_experts})")
+        if not config.vit_layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in config.vit_layers):
+            raise ConfigError(f"{source}: key 'vit_layers' must be a non-empty list of ints, got {raw['vit_layers']!r}")
         for layer in config.vit_layers:
             if not -vision.n_layers <= layer < vision.n_layers:
                 raise ConfigError(f"{source}: vit_layers entry {layer} is outside the {vision.n_layers} ViT layers")

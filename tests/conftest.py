@@ -1,0 +1,76 @@
+"""Shared fixtures: the shared test data folder, and tiny MolmoE checkpoints built once per session.
+
+`LMMS_ADAPTIVE_HOME` points at a temporary folder for the whole session, so no test ever builds or reads
+the default model in the user's ~/.cache. Torch runs on one CPU thread: the models here are tiny, and
+several OpenMP threads spin-waiting on a busy small machine make them tens of times slower.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory):
+    """The default-model cache of this session: a fresh temporary folder, never ~/.cache."""
+    home = tmp_path_factory.mktemp("lmms_adaptive_home")
+    previous = os.environ.get("LMMS_ADAPTIVE_HOME")
+    os.environ["LMMS_ADAPTIVE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("LMMS_ADAPTIVE_HOME", None)
+    else:
+        os.environ["LMMS_ADAPTIVE_HOME"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_cpu_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared test data folder not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint_dir(shared_dir: Path) -> Path:
+    """The real MolmoE-1B-0924 config and tokenizer files (no weights)."""
+    folder = shared_dir / "molmoe-1b-0924"
+    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"real MolmoE-1B-0924 config/tokenizer not found in {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def golden_dir(shared_dir: Path) -> Path:
+    folder = shared_dir / "golden"
+    if not (folder / "index.json").is_file():
+        pytest.skip(f"golden outputs of the original implementation not found in {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MolmoE checkpoint folder (seed 0). Treat as read-only: copy it to modify it."""
+    from lmms_adaptive.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir_seed1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmms_adaptive.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny_seed1"), seed=1)
