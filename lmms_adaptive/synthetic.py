@@ -1,0 +1,526 @@
+"""A seeded, procedural visual-QA suite whose accuracy depends on the vision tier.
+
+Every sample is drawn with PIL from a small set of parameters (a :class:`Scene`), and its answer is
+derived from those same parameters, so it is right by construction. Five question types:
+
+- ``color``: "What color is the <shape>?" about one large shape (easy at any tier);
+- ``shape``: "What shape is shown?" about one large shape;
+- ``count``: "How many shapes are there?" over 1-6 medium, non-overlapping shapes (answer "1".."6");
+- ``read``: "What word/number is written on the sign?": an uppercase word or a 2-4 digit number
+  printed SMALL on a large canvas with the built-in 5x7 bitmap font (:data:`GLYPHS`);
+- ``yesno``: POPE style "Is there a <color> <shape> in the image?", yes/no balanced.
+
+Legibility of ``read`` (the knob dependence). The processor resizes an image so that a tiling of
+crops covers it (``select_tiling`` over the image minus the 112 px margins, 224 px windows); a low
+``max_crops`` means a heavy downscale of a large canvas. Text is drawn with a 2 px font module, so
+glyphs are 14 px tall. Its height after the resize (``14 * processed_scale(w, h, max_crops)``) on
+the ``read`` canvases (:data:`READ_SIZES`):
+
+=============  =========  =========  ==========  ================
+canvas         3 crops    6 crops    12 crops    global 336 view
+=============  =========  =========  ==========  ================
+1280 x 960     4.90 px    8.17 px    11.03 px    3.67 px
+1344 x 1008    4.67 px    7.78 px    10.50 px    3.50 px
+1280 x 1024    4.59 px    7.66 px    10.72 px    3.67 px
+1200 x 1000    4.70 px    7.84 px    10.98 px    3.92 px
+960 x 1280     4.90 px    8.17 px    11.03 px    3.67 px
+1024 x 1280    4.59 px    7.66 px    10.72 px    3.67 px
+1008 x 1344    4.67 px    7.78 px    10.50 px    3.50 px
+=============  =========  =========  ==========  ================
+
+At 12 crops a font module spans >= 1.5 px (:data:`LEGIBLE_TEXT_PX`: >= 10 px tall): the 5x7 glyphs
+stay readable. At 3 crops it spans <= 0.7 px (:data:`ILLEGIBLE_TEXT_PX`: <= 5 px tall): strokes
+and gaps blur together, below the sampling limit of one pixel per module. 6 crops is in between.
+"Illegible" is meant for a learned model: an ideal observer that knows the font's exact templates
+still tells most single glyphs apart from their blurred grey levels at 0.7 px per module.
+
+Splits: the parameter space is partitioned by a hash of (scene, question), so a given
+(image, question) pair can only ever be produced in one of "train", "validation" and "test".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+import os
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw
+
+from lmms_adaptive.processor import DEFAULT_VISION, select_tiling
+
+if TYPE_CHECKING:
+    import datasets
+
+QTYPES = ("color", "shape", "count", "read", "yesno")
+VQA_QTYPES = ("color", "shape", "count", "read")
+SPLITS = ("train", "validation", "test")
+
+RGB = tuple[int, int, int]
+
+COLORS: dict[str, RGB] = {
+    "red": (220, 30, 30),
+    "green": (30, 150, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 15),
+    "orange": (245, 125, 15),
+    "purple": (130, 40, 170),
+    "black": (20, 20, 20),
+    "brown": (120, 70, 30),
+    "pink": (245, 110, 180),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross")
+BACKGROUNDS: tuple[RGB, ...] = ((255, 255, 255), (246, 243, 232), (234, 241, 250), (240, 248, 236))
+
+# uppercase, 3-5 letters; no VQA-normalised words (articles, number words)
+WORDS = (
+    "STOP", "OPEN", "EXIT", "CAFE", "SALE", "BOOK", "MILK", "PARK", "BANK", "TAXI",
+    "HOTEL", "GATE", "LEFT", "RIGHT", "PUSH", "PULL", "WEST", "EAST", "NORTH", "SOUTH",
+    "BREAD", "FISH", "RICE", "TEA", "JAM", "SOAP", "LAMP", "DOOR", "ROOM", "HALL",
+    "ZONE", "WAIT", "WALK", "SLOW", "FAST", "BIKE", "BOAT", "SHIP", "CAR", "BUS",
+    "VAN", "MAP", "KEY", "BOX", "CUP", "HAT", "SUN", "MOON", "JAZZ", "QUIZ",
+    "YOGA", "ZOO", "GOLF", "PIER", "DUCK",
+)  # fmt: skip
+
+SIZES = (
+    (320, 240), (400, 300), (480, 360), (640, 480), (800, 600), (1024, 768), (1280, 960),
+    (240, 320), (480, 640), (600, 800), (512, 512), (960, 540), (1024, 576),
+)  # fmt: skip
+# near 4:3 or 5:4: the 3-crop tiling (1 row) is ~0.43x the 12-crop one (3 rows) there
+READ_SIZES = ((1280, 960), (1344, 1008), (1280, 1024), (1200, 1000), (960, 1280), (1024, 1280), (1008, 1344))
+FONT_MODULE = 2  # px per font cell on the canvas: glyphs are 14 px tall
+LEGIBLE_TEXT_PX = 10.0
+ILLEGIBLE_TEXT_PX = 5.0
+TEXT_COLOR: RGB = (25, 25, 25)
+SIGN_COLOR: RGB = (252, 252, 248)
+SIGN_BORDER: RGB = (90, 90, 90)
+
+# 5x7 glyphs, "#" = ink
+GLYPHS: dict[str, tuple[str, ...]] = {
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "B": ("####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."),
+    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
+    "D": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "F": ("#####", "#....", "#....", "####.", "#....", "#....", "#...."),
+    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "I": (".###.", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "J": ("..###", "...#.", "...#.", "...#.", "...#.", "#..#.", ".##.."),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
+    "N": ("#...#", "#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#"),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "Q": (".###.", "#...#", "#...#", "#...#", "#.#.#", "#..#.", ".##.#"),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "V": ("#...#", "#...#", "#...#", "#...#", "#...#", ".#.#.", "..#.."),
+    "W": ("#...#", "#...#", "#...#", "#.#.#", "#.#.#", "#.#.#", ".#.#."),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+    "Y": ("#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."),
+    "Z": ("#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"),
+    "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
+    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
+    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
+    "3": ("#####", "...#.", "..#..", "...#.", "....#", "#...#", ".###."),
+    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
+    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
+    "6": ("..##.", ".#...", "#....", "####.", "#...#", "#...#", ".###."),
+    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
+    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
+    "9": (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
+}
+GLYPH_W, GLYPH_H = 5, 7
+
+Q_COLOR = "What color is the {shape}?"
+Q_SHAPE = "What shape is shown?"
+Q_COUNT = "How many shapes are there?"
+Q_READ = "What {kind} is written on the sign?"
+Q_YESNO = "Is there {article} {color} {shape} in the image?"
+
+
+# --------------------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A filled shape lying inside the disc of radius ``r`` around (cx, cy)."""
+
+    kind: str
+    color: str
+    cx: int
+    cy: int
+    r: int
+
+
+@dataclass(frozen=True)
+class Text:
+    """``text`` in the bitmap font, top-left corner at (x, y), ``module`` px per font cell."""
+
+    text: str
+    x: int
+    y: int
+    module: int = FONT_MODULE
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """Inclusive-exclusive (x0, y0, x1, y1) of the ink area."""
+        width = (len(self.text) * (GLYPH_W + 1) - 1) * self.module
+        return self.x, self.y, self.x + width, self.y + GLYPH_H * self.module
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything an image is drawn from."""
+
+    size: tuple[int, int]
+    background: RGB
+    shapes: tuple[Shape, ...] = ()
+    text: Text | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One question on one image; ``scene`` is what both were made from (tests re-derive answers from it)."""
+
+    image: Image.Image
+    question: str
+    answers: tuple[str, ...]
+    answer: str
+    qtype: str
+    sample_id: str
+    scene: Scene
+    category: str = ""  # yesno only: how the negative was sampled ("random" / "adversarial")
+
+
+# --------------------------------------------------------------------------- geometry and drawing
+
+
+def processed_scale(width: int, height: int, max_crops: int) -> float:
+    """Resize factor the processor applies to a ``width x height`` image at ``max_crops``."""
+    margin, window = DEFAULT_VISION.margin_pixels, DEFAULT_VISION.window_pixels
+    rows, cols = select_tiling(height - margin, width - margin, window, max_crops)
+    return min((rows * window + margin) / height, (cols * window + margin) / width)
+
+
+def _polygon(kind: str, cx: int, cy: int, r: int) -> list[tuple[float, float]]:
+    def ring(n: int, start: float, radii: Sequence[float]) -> list[tuple[float, float]]:
+        return [
+            (cx + radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / n),
+             cy + radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / n))
+            for i in range(n)
+        ]  # fmt: skip
+
+    if kind == "square":
+        return ring(4, math.pi / 4, [r])
+    if kind == "triangle":
+        return ring(3, -math.pi / 2, [r])
+    if kind == "star":
+        return ring(10, -math.pi / 2, [r, 0.45 * r])
+    if kind == "diamond":
+        return [(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)]
+    if kind == "hexagon":
+        return ring(6, 0.0, [r])
+    if kind == "cross":
+        a, w = 0.95 * r, 0.3 * r
+        corners = [(w, a), (w, w), (a, w)]  # one arm's outline, turned by quarter turns: (x, y) -> (y, -x)
+        for _ in range(3):
+            corners += [(y, -x) for x, y in corners[-3:]]
+        return [(cx + dx, cy + dy) for dx, dy in corners]
+    raise ValueError(f"unknown shape {kind!r}")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+    fill = COLORS[shape.color]
+    if shape.kind == "circle":
+        draw.ellipse((shape.cx - shape.r, shape.cy - shape.r, shape.cx + shape.r, shape.cy + shape.r), fill=fill)
+    else:
+        draw.polygon(_polygon(shape.kind, shape.cx, shape.cy, shape.r), fill=fill)
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, text: Text) -> None:
+    m = text.module
+    for i, char in enumerate(text.text):
+        left = text.x + i * (GLYPH_W + 1) * m
+        for row, line in enumerate(GLYPHS[char]):
+            for col, cell in enumerate(line):
+                if cell == "#":
+                    x, y = left + col * m, text.y + row * m
+                    draw.rectangle((x, y, x + m - 1, y + m - 1), fill=TEXT_COLOR)
+
+
+def sign_box(text: Text) -> tuple[int, int, int, int]:
+    """The sign drawn around a text: a padding of 3 modules (inclusive-exclusive box)."""
+    pad = 3 * text.module
+    x0, y0, x1, y1 = text.box
+    return x0 - pad, y0 - pad, x1 + pad, y1 + pad
+
+
+def render(scene: Scene) -> Image.Image:
+    """Draw a scene (pure: the same scene always gives the same pixels)."""
+    image = Image.new("RGB", scene.size, scene.background)
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        _draw_shape(draw, shape)
+    if scene.text is not None:
+        x0, y0, x1, y1 = sign_box(scene.text)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=SIGN_COLOR, outline=SIGN_BORDER, width=scene.text.module)
+        _draw_text(draw, scene.text)
+    return image
+
+
+# --------------------------------------------------------------------------- scene planning
+
+
+def _grid(size: tuple[int, int]) -> tuple[int, int]:
+    """(cols, rows) of placement cells, roughly square, at least 6 of them."""
+    w, h = size
+    if w > 1.2 * h:
+        return 4, 3
+    if h > 1.2 * w:
+        return 3, 4
+    return 3, 3
+
+
+def _scatter(rng: random.Random, size: tuple[int, int], kinds_colors: Sequence[tuple[str, str]]) -> tuple[Shape, ...]:
+    """Medium shapes in distinct grid cells, so they never overlap or touch."""
+    cols, rows = _grid(size)
+    cell_w, cell_h = size[0] / cols, size[1] / rows
+    cells = rng.sample(range(cols * rows), len(kinds_colors))
+    shapes = []
+    for (kind, color), cell in zip(kinds_colors, cells):
+        r = int(min(cell_w, cell_h) * rng.uniform(0.25, 0.38))
+        slack_x, slack_y = cell_w / 2 - r - 2, cell_h / 2 - r - 2
+        cx = int((cell % cols + 0.5) * cell_w + rng.uniform(-slack_x, slack_x))
+        cy = int((cell // cols + 0.5) * cell_h + rng.uniform(-slack_y, slack_y))
+        shapes.append(Shape(kind, color, cx, cy, r))
+    return tuple(shapes)
+
+
+def _single(rng: random.Random) -> Scene:
+    size = rng.choice(SIZES)
+    r = int(min(size) * rng.uniform(0.25, 0.4))
+    cx = rng.randint(r + 2, size[0] - r - 3)
+    cy = rng.randint(r + 2, size[1] - r - 3)
+    shape = Shape(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, r)
+    return Scene(size, rng.choice(BACKGROUNDS), (shape,))
+
+
+def _plan_color(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
+    scene = _single(rng)
+    shape = scene.shapes[0]
+    return scene, Q_COLOR.format(shape=shape.kind), shape.color, ""
+
+
+def _plan_shape(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
+    scene = _single(rng)
+    return scene, Q_SHAPE, scene.shapes[0].kind, ""
+
+
+def _plan_count(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
+    size = rng.choice(SIZES)
+    n = rng.randint(1, 6)
+    objects = [(rng.choice(SHAPES), rng.choice(list(COLORS))) for _ in range(n)]
+    scene = Scene(size, rng.choice(BACKGROUNDS), _scatter(rng, size, objects))
+    return scene, Q_COUNT, str(n), ""
+
+
+def _plan_read(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
+    size = rng.choice(READ_SIZES)
+    if rng.random() < 0.5:
+        kind, content = "word", rng.choice(WORDS)
+    else:
+        kind, content = "number", str(rng.randint(10, 10 ** rng.randint(2, 4) - 1))
+    width, height = Text(content, 0, 0).box[2:]
+    pad = 4 * FONT_MODULE
+    text = Text(content, rng.randint(pad, size[0] - width - pad), rng.randint(pad, size[1] - height - pad))
+    scene = Scene(size, rng.choice(BACKGROUNDS), (), text)
+    return scene, Q_READ.format(kind=kind), content.lower(), ""
+
+
+def _plan_yesno(rng: random.Random, cycle: int) -> tuple[Scene, str, str, str]:
+    """Yes on even cycles; the negative sampling ("random" / "adversarial") alternates every 2 cycles."""
+    want_yes = cycle % 2 == 0
+    category = ("random", "adversarial")[(cycle // 2) % 2]
+    size = rng.choice(SIZES)
+    pairs = rng.sample(list(itertools.product(SHAPES, COLORS)), rng.randint(2, 4))
+    scene = Scene(size, rng.choice(BACKGROUNDS), _scatter(rng, size, pairs))
+    if want_yes:
+        kind, color = rng.choice(pairs)
+    else:
+        kind, color = rng.choice(_negatives(pairs, category))
+    return scene, _yesno_question(color, kind), "yes" if want_yes else "no", category
+
+
+def _yesno_question(color: str, kind: str) -> str:
+    return Q_YESNO.format(article="an" if color[0] in "aeiou" else "a", color=color, shape=kind)
+
+
+def _negatives(pairs: Sequence[tuple[str, str]], category: str) -> list[tuple[str, str]]:
+    """Absent (shape, color) pairs: adversarial ones share a shape or a colour with a present object."""
+    kinds, colors = {k for k, _ in pairs}, {c for _, c in pairs}
+    absent = [p for p in itertools.product(SHAPES, COLORS) if p not in pairs]
+    if category == "adversarial":
+        return [(k, c) for k, c in absent if k in kinds or c in colors]
+    return [(k, c) for k, c in absent if k not in kinds and c not in colors]
+
+
+PLANNERS = {"color": _plan_color, "shape": _plan_shape, "count": _plan_count, "read": _plan_read, "yesno": _plan_yesno}
+
+
+# --------------------------------------------------------------------------- splits and streams
+
+
+def split_of(scene: Scene, question: str) -> str:
+    """The one split an (image, question) pair belongs to: a fixed hash partition of the parameters."""
+    digest = hashlib.blake2b(repr((scene, question)).encode(), digest_size=8).digest()
+    return SPLITS[int.from_bytes(digest, "big") % len(SPLITS)]
+
+
+def make_sample(split: str, seed: int, qtype: str, cycle: int) -> Sample:
+    """The ``cycle``-th ``qtype`` sample of a split: its own RNG, redrawn until the pair hashes into ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(f"{seed}/{split}/{qtype}/{cycle}")
+    while True:
+        scene, question, answer, category = PLANNERS[qtype](rng, cycle)
+        if split_of(scene, question) == split:
+            break
+    return Sample(
+        image=render(scene),
+        question=question,
+        answers=(answer,) * 10,
+        answer=answer,
+        qtype=qtype,
+        sample_id=f"synth-{split}-{seed}-{qtype}-{cycle:06d}",
+        scene=scene,
+        category=category,
+    )
+
+
+def generate_stream(seed: int, split: str = "train", qtypes: Sequence[str] = QTYPES) -> Iterator[Sample]:
+    """Endless samples of a split (training uses "train"); question types cycle in ``qtypes`` order."""
+    for cycle in itertools.count():
+        for qtype in qtypes:
+            yield make_sample(split, seed, qtype, cycle)
+
+
+def generate(split: str, n: int, seed: int, qtypes: Sequence[str] = QTYPES) -> list[Sample]:
+    """The first ``n`` samples of ``generate_stream(seed, split, qtypes)``."""
+    return list(itertools.islice(generate_stream(seed, split, qtypes), n))
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+_TOKEN = re.compile(r"[A-Za-z]+|\d|\?")
+
+
+def tokens(text: str) -> list[str]:
+    """Words, single digits and "?": how :func:`vocabulary` splits questions and answers."""
+    return _TOKEN.findall(text)
+
+
+@lru_cache(maxsize=1)
+def vocabulary() -> tuple[str, ...]:
+    """Every token (see :func:`tokens`) a question or answer can contain, sorted."""
+    texts = [Q_SHAPE, Q_COUNT, "yes no", *COLORS, *SHAPES, *(w.lower() for w in WORDS), "0123456789"]
+    texts += [Q_COLOR.format(shape=s) for s in SHAPES]
+    texts += [Q_READ.format(kind=k) for k in ("word", "number")]
+    texts += [_yesno_question(c, s) for c in COLORS for s in SHAPES]
+    return tuple(sorted({t for text in texts for t in tokens(text)}))
+
+
+# --------------------------------------------------------------------------- parquet export
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def textvqa_rows(samples: Sequence[Sample], first_id: int = 0) -> list[dict[str, object]]:
+    """Rows in the column layout of lmms-eval's textvqa (plus ``qtype``)."""
+    rows = []
+    for i, s in enumerate(samples):
+        text = s.scene.text
+        rows.append(
+            {
+                "image_id": s.sample_id,
+                "question_id": first_id + i,
+                "question": s.question,
+                "question_tokens": tokens(s.question),
+                "image": {"bytes": _png(s.image), "path": f"{s.sample_id}.png"},
+                "image_width": s.image.width,
+                "image_height": s.image.height,
+                "answers": list(s.answers),
+                "image_classes": sorted({shape.kind for shape in s.scene.shapes}),
+                "set_name": "val",
+                "ocr_tokens": [text.text] if text else [],
+                "qtype": s.qtype,
+            }
+        )
+    return rows
+
+
+def pope_rows(samples: Sequence[Sample], first_id: int = 0) -> list[dict[str, object]]:
+    """Rows in the column layout of lmms-eval's pope (plus ``qtype``)."""
+    return [
+        {
+            "id": str(first_id + i),
+            "question_id": str(first_id + i),
+            "question": s.question,
+            "answer": s.answer,
+            "image_source": s.sample_id,
+            "image": {"bytes": _png(s.image), "path": f"{s.sample_id}.png"},
+            "category": s.category,
+            "qtype": s.qtype,
+        }
+        for i, s in enumerate(samples)
+    ]
+
+
+def _features(layout: str) -> datasets.Features:
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+    from datasets import Sequence as HFSequence
+
+    strings = HFSequence(Value("string"))
+    if layout == "textvqa":
+        columns = {
+            "image_id": Value("string"), "question_id": Value("int32"), "question": Value("string"),
+            "question_tokens": strings, "image": HFImage(), "image_width": Value("int32"),
+            "image_height": Value("int32"), "answers": strings, "image_classes": strings,
+            "set_name": Value("string"), "ocr_tokens": strings, "qtype": Value("string"),
+        }  # fmt: skip
+    elif layout == "pope":
+        columns = {
+            "id": Value("string"), "question_id": Value("string"), "question": Value("string"),
+            "answer": Value("string"), "image_source": Value("string"), "image": HFImage(),
+            "category": Value("string"), "qtype": Value("string"),
+        }  # fmt: skip
+    else:
+        raise ValueError(f"layout must be 'textvqa' or 'pope', got {layout!r}")
+    return Features(columns)
+
+
+def write_parquet(samples: Sequence[Sample], path: str | os.PathLike[str], layout: str, first_id: int = 0) -> int:
+    """Write samples as a ``datasets`` parquet file in the textvqa or pope layout; returns its size in bytes."""
+    import datasets
+
+    rows = textvqa_rows(samples, first_id) if layout == "textvqa" else pope_rows(samples, first_id)
+    datasets.Dataset.from_list(rows, features=_features(layout)).to_parquet(str(path))
+    return os.path.getsize(path)

@@ -1,0 +1,301 @@
+"""The synthetic VQA suite: deterministic, right by construction, split-disjoint, and its lmms-eval tasks.
+
+The task tests run offline against the committed ``tasks/synth_*`` files; no model is involved.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmms_adaptive import synthetic as syn
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "tasks"
+
+# task name -> (split, number of docs, question types)
+TASKS = {
+    "synth_vqa_val": ("validation", 60, set(syn.VQA_QTYPES)),
+    "synth_vqa_test": ("test", 120, set(syn.VQA_QTYPES)),
+    "synth_pope_val": ("validation", 20, {"yesno"}),
+    "synth_pope_test": ("test", 40, {"yesno"}),
+}
+YESNO = re.compile(r"Is there an? (\w+) (\w+) in the image\?")
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[syn.Sample]:
+    return syn.generate("train", 200, seed=7)
+
+
+def of_type(samples: list[syn.Sample], qtype: str) -> list[syn.Sample]:
+    return [s for s in samples if s.qtype == qtype]
+
+
+def pixels(sample: syn.Sample) -> np.ndarray:
+    return np.asarray(sample.image)
+
+
+def foreground(sample: syn.Sample) -> np.ndarray:
+    return np.any(pixels(sample) != np.array(sample.scene.background, dtype=np.uint8), axis=2)
+
+
+def components(sample: syn.Sample) -> int:
+    """8-connected foreground blobs (a triangle's sharpest corner may touch its body only diagonally)."""
+    from scipy import ndimage
+
+    return ndimage.label(foreground(sample), structure=np.ones((3, 3)))[1]
+
+
+def fingerprint(sample: syn.Sample) -> str:
+    return hashlib.sha256(sample.image.tobytes() + sample.question.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_deterministic_per_seed():
+    a, b, c = syn.generate("train", 15, seed=3), syn.generate("train", 15, seed=3), syn.generate("train", 15, seed=4)
+    assert [fingerprint(s) for s in a] == [fingerprint(s) for s in b]
+    assert [s.sample_id for s in a] == [s.sample_id for s in b]
+    assert all(x.answer == y.answer and x.scene == y.scene for x, y in zip(a, b))
+    assert sum(fingerprint(x) != fingerprint(y) for x, y in zip(a, c)) >= 14
+
+
+def test_stream_and_qtype_subsets_agree():
+    stream = syn.generate_stream(seed=5)
+    prefix = [next(stream) for _ in range(10)]
+    assert [fingerprint(s) for s in prefix] == [fingerprint(s) for s in syn.generate("train", 10, seed=5)]
+    # the k-th sample of a type does not depend on which other types are mixed in
+    full = {s.sample_id: s for s in syn.generate("validation", 20, seed=5)}
+    for s in syn.generate("validation", 8, seed=5, qtypes=("read", "yesno")):
+        assert fingerprint(full[s.sample_id]) == fingerprint(s)
+
+
+def test_sample_structure(samples):
+    assert len({s.sample_id for s in samples}) == len(samples)
+    assert collections.Counter(s.qtype for s in samples) == {q: 40 for q in syn.QTYPES}
+    assert len({s.image.size for s in samples}) >= 10
+    vocabulary = set(syn.vocabulary())
+    for s in samples:
+        assert s.image.mode == "RGB" and s.image.size == s.scene.size
+        assert s.answers == (s.answer,) * 10 and s.answer
+        assert s.question == s.question.capitalize()  # textvqa's doc_to_text capitalizes
+        assert set(syn.tokens(s.question)) | set(syn.tokens(s.answer)) <= vocabulary, s.question
+    assert list(syn.vocabulary()) == sorted(vocabulary)
+
+
+def test_color_is_the_dominant_colour(samples):
+    for s in of_type(samples, "color"):
+        (shape,) = s.scene.shapes
+        assert s.question == f"What color is the {shape.kind}?" and s.answer == shape.color
+        fg = pixels(s)[foreground(s)].astype(np.int64)
+        packed = np.bincount((fg[:, 0] << 16) | (fg[:, 1] << 8) | fg[:, 2])
+        r, g, b = syn.COLORS[s.answer]
+        assert packed.argmax() == (r << 16) | (g << 8) | b
+
+
+def test_shape_is_the_single_object(samples):
+    for s in of_type(samples, "shape"):
+        (shape,) = s.scene.shapes
+        assert s.answer == shape.kind and s.answer in syn.SHAPES
+        assert components(s) == 1
+
+
+def test_count_matches_connected_components(samples):
+    counts = of_type(samples, "count")
+    for s in counts:
+        assert s.answer == str(len(s.scene.shapes))
+        assert components(s) == int(s.answer), s.sample_id
+    assert {s.answer for s in counts} == {str(n) for n in range(1, 7)}
+
+
+def test_yesno_rederived_and_balanced(samples):
+    yesno = of_type(samples, "yesno")
+    for s in yesno:
+        color, kind = YESNO.fullmatch(s.question).groups()
+        present = {(o.kind, o.color) for o in s.scene.shapes}
+        assert s.answer == ("yes" if (kind, color) in present else "no")
+        assert components(s) == len(s.scene.shapes)
+        if s.answer == "no":
+            shares = any(kind == o.kind or color == o.color for o in s.scene.shapes)
+            assert shares == (s.category == "adversarial")
+    assert collections.Counter(s.answer for s in yesno) == {"yes": 20, "no": 20}
+    assert collections.Counter((s.category, s.answer) for s in yesno[:40]) == {
+        ("random", "yes"): 10, ("random", "no"): 10, ("adversarial", "yes"): 10, ("adversarial", "no"): 10
+    }  # fmt: skip
+
+
+def decode_text(text: syn.Text, ink: np.ndarray) -> str:
+    """Read the bitmap font back off an ink mask, one font module at a time."""
+    lookup = {glyph: char for char, glyph in syn.GLYPHS.items()}
+    m, chars = text.module, []
+    for i in range(len(text.text)):
+        left = text.x + i * (syn.GLYPH_W + 1) * m
+        cells = ink[text.y : text.y + syn.GLYPH_H * m : m, left : left + syn.GLYPH_W * m : m]
+        chars.append(lookup[tuple("".join("#" if c else "." for c in row) for row in cells)])
+    return "".join(chars)
+
+
+def test_glyphs_are_distinct_and_full_height():
+    assert len(set(syn.GLYPHS.values())) == len(syn.GLYPHS)
+    for glyph in syn.GLYPHS.values():
+        assert len(glyph) == syn.GLYPH_H and all(len(row) == syn.GLYPH_W for row in glyph)
+        assert "#" in glyph[0] and "#" in glyph[-1]  # ink spans the whole text height
+    assert set("".join(syn.WORDS)) <= set(syn.GLYPHS)
+
+
+def test_read_text_is_small_and_right(samples):
+    reads = of_type(samples, "read")
+    for s in reads:
+        text, (w, h) = s.scene.text, s.image.size
+        x0, y0, x1, y1 = text.box
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        ink = np.all(pixels(s) == np.array(syn.TEXT_COLOR, dtype=np.uint8), axis=2)
+        ink_y, ink_x = np.nonzero(ink)
+        assert x0 <= ink_x.min() and ink_x.max() < x1 and ink_y.min() == y0 and ink_y.max() == y1 - 1
+        assert decode_text(text, ink) == text.text and s.answer == text.text.lower()
+        assert ("number" in s.question) == text.text.isdigit()
+        height = y1 - y0
+        assert height * syn.processed_scale(w, h, 3) <= syn.ILLEGIBLE_TEXT_PX
+        assert height * syn.processed_scale(w, h, 12) >= syn.LEGIBLE_TEXT_PX
+    assert {s.answer.isdigit() for s in reads} == {True, False}
+
+
+def test_processed_scale_shrinks_with_fewer_crops():
+    for w, h in syn.READ_SIZES:
+        s3, s6, s12 = (syn.processed_scale(w, h, c) for c in (3, 6, 12))
+        assert s3 < s6 < s12 and s3 / s12 < 0.45
+    assert syn.processed_scale(320, 240, 3) == syn.processed_scale(320, 240, 12)  # small images: same view
+
+
+def test_splits_are_disjoint():
+    by_split = {split: syn.generate(split, 60, seed=0) for split in syn.SPLITS}
+    for split, samples in by_split.items():
+        assert all(syn.split_of(s.scene, s.question) == split for s in samples)
+    prints = [{fingerprint(s) for s in samples} for samples in by_split.values()]
+    assert all(len(p) == 60 for p in prints)
+    assert not (prints[0] & prints[1] or prints[0] & prints[2] or prints[1] & prints[2])
+    with pytest.raises(ValueError):
+        syn.generate("dev", 1, seed=0)
+
+
+def test_generation_is_fast():
+    start = time.perf_counter()
+    syn.generate("train", 200, seed=11)
+    assert time.perf_counter() - start < 4.0  # ~0.4 s on one core: 1,000 samples take ~2 s
+
+
+# --------------------------------------------------------------------------- lmms-eval tasks
+
+
+@pytest.fixture(scope="module")
+def lmms_env(tmp_path_factory):
+    """Offline env vars + a scratch cwd (textvqa's aggregation writes ``submissions/`` into the cwd)."""
+    scratch = tmp_path_factory.mktemp("synth_tasks")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(scratch / "hf_home"))
+        mp.setenv("HF_DATASETS_CACHE", str(scratch / "hf_home" / "datasets"))
+        mp.delenv("LMMS_EVAL_DATASETS_CACHE", raising=False)
+        cwd = scratch / "cwd"
+        cwd.mkdir()
+        mp.chdir(cwd)
+        yield cwd
+
+
+@pytest.fixture(scope="module")
+def tasks(lmms_env):
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=[str(TASKS_DIR)], include_defaults=False)
+    assert set(manager.task_index["synth"]["task"]) == {"synth_vqa_test", "synth_pope_test"}
+    assert set(manager.task_index["synth_val"]["task"]) == {"synth_vqa_val", "synth_pope_val"}
+    return get_task_dict(list(TASKS), manager)
+
+
+@pytest.fixture(scope="module")
+def docs(tasks) -> dict[str, list[dict]]:
+    """Each task's docs, decoded once (reading a row decodes its PNG)."""
+    splits = {name: task.dataset[TASKS[name][0]] for name, task in tasks.items()}
+    return {name: [split[i] for i in range(len(split))] for name, split in splits.items()}
+
+
+def scores(task, docs: list[dict], answer_fn) -> dict[str, list]:
+    per_metric = collections.defaultdict(list)
+    for doc in docs:
+        for metric, value in task.process_results(doc, [answer_fn(doc)]).items():
+            per_metric[metric].append(value)
+    return per_metric
+
+
+def test_tasks_build_offline(tasks, docs):
+    from PIL import Image
+
+    assert set(tasks) == set(TASKS)
+    for name, task in tasks.items():
+        split, n_docs, qtypes = TASKS[name]
+        data_file = Path(task.config.dataset_kwargs["data_files"][split])
+        assert data_file == TASKS_DIR / f"{name}.parquet" and data_file.stat().st_size < 1_000_000
+        rows = docs[name]
+        assert len(task.eval_docs) == n_docs and {d["qtype"] for d in rows} == qtypes
+        assert len({d["question_id"] for d in rows}) == n_docs
+        for doc in rows:
+            (visual,) = task.doc_to_visual(doc)
+            assert isinstance(visual, Image.Image) and visual.mode == "RGB"
+            assert task.doc_to_text(doc).endswith("?\nAnswer the question using a single word or phrase.")
+
+
+def test_task_rows_are_the_generator_samples(docs):
+    vqa = syn.generate("test", 120, seed=0, qtypes=syn.VQA_QTYPES)
+    for doc, sample in zip(docs["synth_vqa_test"], vqa):
+        assert (doc["image_id"], doc["question"], tuple(doc["answers"])) == (
+            sample.sample_id,
+            sample.question,
+            sample.answers,
+        )
+        assert doc["image"].convert("RGB").tobytes() == sample.image.tobytes()
+    pope = docs["synth_pope_test"]
+    assert [d["image_source"] for d in pope] == [s.sample_id for s in syn.generate("test", 40, 0, ("yesno",))]
+
+
+def test_vqa_scores(tasks, docs):
+    for name in ("synth_vqa_val", "synth_vqa_test"):
+        task = tasks[name]
+        n_docs = TASKS[name][1]
+        assert scores(task, docs[name], lambda d: d["answers"][0].upper())["exact_match"] == [1.0] * n_docs
+        assert scores(task, docs[name], lambda d: "zebra")["exact_match"] == [0.0] * n_docs
+
+
+def test_pope_scores(tasks, docs):
+    flip = {"yes": "no", "no": "yes"}
+    for name in ("synth_pope_val", "synth_pope_test"):
+        task = tasks[name]
+        agg = task.aggregation()
+        right = scores(task, docs[name], lambda d: d["answer"].capitalize())
+        wrong = scores(task, docs[name], lambda d: flip[d["answer"]])
+        assert agg["pope_accuracy"](right["pope_accuracy"]) == 1.0
+        assert agg["pope_yes_ratio"](right["pope_yes_ratio"]) == 0.5  # balanced
+        assert agg["pope_accuracy"](wrong["pope_accuracy"]) == 0.0
+
+
+def test_make_synthetic_regenerates_committed_files(tmp_path, lmms_env):
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.spec_from_file_location("make_synthetic", TASKS_DIR / "make_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(str(tmp_path))
+    for name in TASKS:
+        committed, fresh = TASKS_DIR / f"{name}.parquet", tmp_path / f"{name}.parquet"
+        assert pq.read_table(fresh).equals(pq.read_table(committed)), (
+            f"{name} is stale: run python tasks/make_synthetic.py"
+        )
