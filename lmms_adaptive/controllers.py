@@ -34,6 +34,7 @@ class RequestFacts:
     question: str
     image_sizes: tuple[tuple[int, int], ...]  # (height, width) per image
     prompt_tokens_per_tier: dict[int, int]  # max_crops -> exact prompt length with the images at that tier
+    crops_per_tier: dict[int, int]  # max_crops -> ViT crops of all images at that tier (the vision cost)
     text_tokens: int
     max_new_tokens: int
     task: str | None = None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .controllers import BUILTIN_CONTROLLERS, Controller, RequestFacts, StaticController, load_controller, read_artifact
 from .plan import TIER_NAMES, Plan
-from .processor import image_token_count, to_rgb_array
+from .processor import crop_count, image_token_count, to_rgb_array
 from .records import RecordWriter, RequestRecord, summarize, summarize_by_task
 from .runtime import AdaptiveMolmoe, GenerationConfig
 
@@ -188,7 +188,8 @@ class AdaptiveMolmoeLMM(lmms):
             crops: text_tokens + sum(image_token_count(h, w, crops, self.rt.processor.vision) for h, w in sizes)
             for crops in self.rt.knobs.tiers
         }
-        return RequestFacts(self.budget, question, sizes, per_tier, text_tokens, max_new_tokens, task)
+        crops = {c: sum(crop_count(h, w, c, self.rt.processor.vision) for h, w in sizes) for c in self.rt.knobs.tiers}
+        return RequestFacts(self.budget, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task)
 
     def _plan(self, facts: RequestFacts) -> tuple[Plan, float]:
         start = time.perf_counter()

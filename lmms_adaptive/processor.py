@@ -312,6 +312,12 @@ def image_token_count(height: int, width: int, max_crops: int, cfg: VisionPrepro
     return _global_token_count(cfg) + grid_h * (grid_w + 1) + 2
 
 
+def crop_count(height: int, width: int, max_crops: int, cfg: VisionPreprocessConfig = DEFAULT_VISION) -> int:
+    """Number of ViT crops (the tiling's plus the global view) an image of this size produces; no pixel work."""
+    rows, cols = _image_tiling(height, width, max_crops, cfg)
+    return rows * cols + 1
+
+
 def _image_tokens(tiling: tuple[int, int], cfg: VisionPreprocessConfig, special: SpecialTokens) -> np.ndarray:
     """``<im_start>`` rows-of-(patches, ``<im_col>``) ``<im_end>``, for the global view then the crops."""
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .plan import Plan
+
 RECORD_VERSION = 1
 
 
@@ -104,3 +106,55 @@ def _histogram(values: Iterable[Any]) -> dict[str, int]:
 def summarize_by_task(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     tasks = sorted({r["task"] for r in records})
     return {task: summarize([r for r in records if r["task"] == task]) for task in tasks}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Profile rows: one measured (sample, plan) pair of a profiling sweep
+# ----------------------------------------------------------------------------------------------------
+
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """One (sample, plan) of `python -m lmms_adaptive.profile`: tokens, stage latencies and the task's score.
+
+    `score` is the task's own `process_results` value for the sample's primary metric (VQA accuracy,
+    a POPE / MME 0-1 correctness, ...). Latencies are milliseconds at batch size 1 after warm-up;
+    `decode_ms[i]` is the forward that produced output token i+1 (the first token comes from prefill).
+    """
+
+    task: str
+    doc_id: int
+    split: str
+    max_crops: int
+    top_k: int
+    n_blocks: int
+    insert_pos: int
+    renormalize: bool
+    n_crops: int
+    n_image_tokens: int
+    n_text_tokens: int  # prompt tokens that are not image tokens (BOS + formatted question)
+    n_prompt_tokens: int  # n_image_tokens + n_text_tokens
+    n_output_tokens: int
+    max_new_tokens: int
+    preprocess_ms: float
+    vision_ms: float
+    prefill_ms: float
+    decode_ms: list[float]
+    total_ms: float
+    score: float
+    answer: str
+    stop_reason: str
+    device: str
+    model_fingerprint: str
+    version: int = PROFILE_VERSION
+
+    @property
+    def plan(self) -> Plan:
+        return Plan(self.max_crops, self.top_k, self.n_blocks, self.insert_pos, self.renormalize)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        """(task, doc_id, plan key): what makes a row unique in a sweep."""
+        return self.task, self.doc_id, plan_key(self.plan.to_dict())
