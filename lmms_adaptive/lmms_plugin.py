@@ -198,20 +198,6 @@ class AdaptiveMolmoeLMM(lmms):
             raise RuntimeError(f"controller {self.controller.kind!r} left the plan to stage 2, which this runtime does not execute")
         return first.plan, (time.perf_counter() - start) * 1000.0
 
-    def _gen_config(self, gen_kwargs: dict[str, Any]) -> GenerationConfig:
-        until = gen_kwargs.get("until") or []
-        if isinstance(until, str):
-            until = [until]
-        temperature = float(gen_kwargs.get("temperature") or 0.0)
-        do_sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
-        return GenerationConfig(
-            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
-            do_sample=do_sample,
-            temperature=temperature if do_sample else 1.0,
-            top_p=float(gen_kwargs.get("top_p") or 1.0) if do_sample else 1.0,
-            stop=tuple(until),
-        )
-
     def _doc_and_images(self, doc_to_visual: Callable, doc_id: int, task: str, split: str) -> tuple[Any, list[Any]]:
         doc = self.task_dict[task][split][doc_id]
         images = doc_to_visual(doc) if doc_to_visual is not None else []
@@ -223,7 +209,7 @@ class AdaptiveMolmoeLMM(lmms):
         for request in tqdm(requests, desc="adaptive_molmoe", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             _, images = self._doc_and_images(doc_to_visual, doc_id, task, split)
-            gen = self._gen_config(gen_kwargs)
+            gen = generation_config(gen_kwargs, self.max_new_tokens)
             start = time.perf_counter()
             facts = self._facts(context, images, task, gen.max_new_tokens)
             plan, controller_ms = self._plan(facts)
@@ -277,6 +263,22 @@ class AdaptiveMolmoeLMM(lmms):
             model_fingerprint=self.rt.model_id,
             device=str(self.device),
         )
+
+
+def generation_config(gen_kwargs: dict[str, Any], default_max_new_tokens: int) -> GenerationConfig:
+    """lmms-eval's generation kwargs (until, max_new_tokens, temperature, do_sample, top_p) -> GenerationConfig."""
+    until = gen_kwargs.get("until") or []
+    if isinstance(until, str):
+        until = [until]
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    do_sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
+    return GenerationConfig(
+        max_new_tokens=int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens),
+        do_sample=do_sample,
+        temperature=temperature if do_sample else 1.0,
+        top_p=float(gen_kwargs.get("top_p") or 1.0) if do_sample else 1.0,
+        stop=tuple(until),
+    )
 
 
 def image_size(image: Any) -> tuple[int, int]:

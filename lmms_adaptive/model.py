@@ -12,6 +12,7 @@ A block that is not in the schedule runs neither at prefill nor at decode and ge
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -428,10 +429,12 @@ class MolmoeForCausalLM(nn.Module):
         schedule: LayerSchedule,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
+        on_block: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """Run the scheduled blocks over x [B, T, D] at `positions` [B, T]; returns the final-normed hidden.
 
         `attention_mask` [B, T] (True = real token) is only needed for padded batches without a cache.
+        `on_block(index, block_input, block_output)` observes each block (importance analysis).
         """
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         mask = None
@@ -441,7 +444,10 @@ class MolmoeForCausalLM(nn.Module):
             mask = (causal[None] & attention_mask[:, None, :])[:, None]
         blocks = self.model.transformer.blocks
         for index, top_k in schedule.layers:
+            x_in = x
             x = blocks[index](x, rope, mask, cache, index, top_k, schedule.renormalize)
+            if on_block is not None:
+                on_block(index, x_in, x)
         if cache is not None:
             cache.length += x.shape[1]
         return self.model.transformer.ln_f(x)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -122,8 +123,10 @@ class AdaptiveMolmoe:
         processor: MolmoeProcessor,
         drop_order: Sequence[int] | None = None,
         model_id: str = "",
+        folder: Path | None = None,
     ) -> None:
         self.model = model
+        self.folder = folder
         self.processor = processor
         self.knobs = KnobSpace.from_config(model.config)
         self.drop_order = tuple(drop_order) if drop_order is not None else self.knobs.default_drop_order()
@@ -144,8 +147,9 @@ class AdaptiveMolmoe:
         torch_dtype = resolve_dtype(dtype, device)
         model = load_model(folder, device, torch_dtype)
         processor = MolmoeProcessor.from_pretrained(folder)
+        model_id = fingerprint(folder)
         log.info("loaded %s on %s (%s)", folder, device, torch_dtype)
-        return cls(model, processor, model_id=fingerprint(folder))
+        return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder))
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class AdaptiveMolmoe:
         out.timings.total_ms += preprocess_ms
         return out
 
-    def _vision(self, request: ProcessedRequest) -> tuple[Tensor | None, Tensor | None]:
+    def vision(self, request: ProcessedRequest) -> tuple[Tensor | None, Tensor | None]:
         """The vision stage: image features and the positions they are added at (None without images)."""
         if request.images is None:
             return None, None
@@ -181,16 +185,19 @@ class AdaptiveMolmoe:
         return features, torch.as_tensor(request.image_input_idx, device=dev)
 
     @torch.inference_mode()
-    def run(self, request: ProcessedRequest, plan: Plan, gen: GenerationConfig | None = None) -> Generation:
-        """Execute an already preprocessed request with `plan` (its max_crops must match the request's)."""
+    def run(
+        self, request: ProcessedRequest, plan: Plan, gen: GenerationConfig | None = None, schedule: LayerSchedule | None = None
+    ) -> Generation:
+        """Execute an already preprocessed request with `plan` (its max_crops must match the request's).
+        `schedule` overrides the plan's decoder schedule (analysis only, e.g. removing a single block)."""
         gen = gen or GenerationConfig()
-        schedule = self.schedule(plan)
+        schedule = schedule or self.schedule(plan)
         clock, model, dev = self.clock, self.model, self.device
         timings = Timings()
         t0 = clock.now()
 
         ids = torch.as_tensor(request.input_ids, device=dev)[None]
-        features, idx = self._vision(request)
+        features, idx = self.vision(request)
         t1 = clock.now()
         timings.vision_ms = t1 - t0
 
@@ -252,7 +259,7 @@ class AdaptiveMolmoe:
             raise ValueError("score: the continuation is empty")
         model, dev = self.model, self.device
         ids = torch.as_tensor(np.concatenate([request.input_ids, np.asarray(continuation, dtype=np.int64)]), device=dev)[None]
-        features, idx = self._vision(request)
+        features, idx = self.vision(request)
         positions = torch.arange(ids.shape[1], device=dev)[None]
         hidden = model.decode_layers(model.embed(ids, features, idx), positions, self.schedule(plan))
         n = len(continuation)
@@ -266,6 +273,26 @@ class AdaptiveMolmoe:
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
         for plan in plans or [self.knobs.full_plan(self.knobs.tiers[0])]:
             self.generate("warm up", [image], plan, GenerationConfig(max_new_tokens=steps, stop_at_eos=False))
+
+
+IMPORTANCE_FILE = "block_importance.json"
+
+
+def read_drop_order(folder: Path, model_id: str) -> tuple[int, ...] | None:
+    """The measured block ranking (`python -m lmms_adaptive.profile importance`) stored in the checkpoint
+    folder, or None (the knob space's default order) when there is none."""
+    path = folder / IMPORTANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        order, made_for = tuple(int(i) for i in saved["drop_order"]), saved["model_fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a block importance file (needs drop_order and model_fingerprint): {err}") from err
+    if made_for != model_id:
+        log.warning("%s was measured on model %s, not %s: ignored (default block order used)", path, made_for, model_id)
+        return None
+    return order
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -1,32 +1,18 @@
-"""Shared fixtures: the shared test data folder, and tiny MolmoE checkpoints built once per session.
+"""Shared fixtures: the shared test data folder, tiny random MolmoE checkpoints built once per session,
+and an offline lmms-eval environment.
 
-`LMMS_ADAPTIVE_HOME` points at a temporary folder for the whole session, so no test ever builds or reads
-the default model in the user's ~/.cache. Torch runs on one CPU thread: the models here are tiny, and
-several OpenMP threads spin-waiting on a busy small machine make them tens of times slower.
+Torch runs on one CPU thread: the models here are tiny, and several OpenMP threads spin-waiting on a
+busy small machine make them tens of times slower.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def isolated_home(tmp_path_factory: pytest.TempPathFactory):
-    """The default-model cache of this session: a fresh temporary folder, never ~/.cache."""
-    home = tmp_path_factory.mktemp("lmms_adaptive_home")
-    previous = os.environ.get("LMMS_ADAPTIVE_HOME")
-    os.environ["LMMS_ADAPTIVE_HOME"] = str(home)
-    yield home
-    if previous is None:
-        os.environ.pop("LMMS_ADAPTIVE_HOME", None)
-    else:
-        os.environ["LMMS_ADAPTIVE_HOME"] = previous
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,3 +60,20 @@ def tiny_dir_seed1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lmms_adaptive.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_seed1"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def lmms_env(tmp_path_factory: pytest.TempPathFactory):
+    """lmms-eval offline: HF offline env vars, a scratch HF cache, and a scratch cwd (textvqa's aggregation
+    writes ``submissions/`` into the cwd)."""
+    scratch = tmp_path_factory.mktemp("lmms_env")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(scratch / "hf_home"))
+        mp.setenv("HF_DATASETS_CACHE", str(scratch / "hf_home" / "datasets"))
+        mp.delenv("LMMS_EVAL_DATASETS_CACHE", raising=False)
+        cwd = scratch / "cwd"
+        cwd.mkdir()
+        mp.chdir(cwd)
+        yield cwd

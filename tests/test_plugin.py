@@ -150,13 +150,12 @@ def test_batch_size_string_is_accepted_and_logged(lmm_class, caplog):
     assert "batch size 1" in caplog.text
 
 
-def test_generation_kwargs_and_styles(lmm_class):
-    from lmms_adaptive.lmms_plugin import task_style
+def test_generation_kwargs_and_styles():
+    from lmms_adaptive.lmms_plugin import generation_config, task_style
 
-    lmm = make_lmm(lmm_class, "max_new_tokens=7")
-    gen = lmm._gen_config({"until": "ASSISTANT:", "temperature": 0})
+    gen = generation_config({"until": "ASSISTANT:", "temperature": 0}, 7)
     assert (gen.stop, gen.max_new_tokens, gen.do_sample) == (("ASSISTANT:",), 7, False)
-    gen = lmm._gen_config({"until": ["\n\n"], "max_new_tokens": 3, "temperature": 0.7, "do_sample": True, "top_p": 0.9})
+    gen = generation_config({"until": ["\n\n"], "max_new_tokens": 3, "temperature": 0.7, "do_sample": True, "top_p": 0.9}, 7)
     assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_p) == (3, True, 0.7, 0.9)
     assert task_style("textvqa_val_local", "auto") == "text_vqa"
     assert task_style("pope", "auto") == "vqa2"

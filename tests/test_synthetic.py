@@ -197,22 +197,6 @@ def test_generation_is_fast():
 
 
 @pytest.fixture(scope="module")
-def lmms_env(tmp_path_factory):
-    """Offline env vars + a scratch cwd (textvqa's aggregation writes ``submissions/`` into the cwd)."""
-    scratch = tmp_path_factory.mktemp("synth_tasks")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(scratch / "hf_home"))
-        mp.setenv("HF_DATASETS_CACHE", str(scratch / "hf_home" / "datasets"))
-        mp.delenv("LMMS_EVAL_DATASETS_CACHE", raising=False)
-        cwd = scratch / "cwd"
-        cwd.mkdir()
-        mp.chdir(cwd)
-        yield cwd
-
-
-@pytest.fixture(scope="module")
 def tasks(lmms_env):
     from lmms_eval.tasks import TaskManager, get_task_dict
 

@@ -26,22 +26,6 @@ IMAGE_SIZES = {(320, 240), (640, 480), (800, 600), (480, 900), (1024, 384)}
 
 
 @pytest.fixture(scope="module")
-def lmms_env(tmp_path_factory):
-    """Offline env vars + a scratch cwd (textvqa's aggregation writes ``submissions/`` into the cwd)."""
-    scratch = tmp_path_factory.mktemp("lmms_tasks")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setenv("HF_HOME", str(scratch / "hf_home"))
-        mp.setenv("HF_DATASETS_CACHE", str(scratch / "hf_home" / "datasets"))
-        mp.delenv("LMMS_EVAL_DATASETS_CACHE", raising=False)
-        cwd = scratch / "cwd"
-        cwd.mkdir()
-        mp.chdir(cwd)
-        yield cwd
-
-
-@pytest.fixture(scope="module")
 def task_manager(lmms_env):
     from lmms_eval.tasks import TaskManager
 
