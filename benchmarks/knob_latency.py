@@ -35,9 +35,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lmms_adaptive.config import MolmoeConfig
 from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM, count_parameters
 from lmms_adaptive.plan import Plan
-from lmms_adaptive.processor import MolmoeProcessor
+from lmms_adaptive.processor import DEFAULT_VISION, MolmoeProcessor, VisionPreprocessConfig
 from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig, resolve_dtype
-from lmms_adaptive.tiny import IMAGE_TOKENS, _train_tokenizer, tiny_config
+from lmms_adaptive.tiny import IMAGE_TOKENS, TINY_PREPROCESSOR, tiny_config, train_tokenizer
 
 log = logging.getLogger("knob_latency")
 
@@ -50,8 +50,10 @@ H100_SXM_GBPS = 3350.0
 # visible part of a decode step on a CPU, while prefill and the ViT stay cheap enough for the full grid.
 MID_DIMS = {
     "d_model": 128, "n_heads": 2, "n_layers": 16, "mlp_ratio": 4, "moe_num_experts": 64, "moe_top_k": 8,
+    "vit_layers": [-2, -9],
     "vision_backbone": {"image_emb_dim": 64, "image_head_dim": 16, "image_num_heads": 4,
-                        "image_num_key_value_heads": 4, "image_mlp_dim": 128, "image_num_layers": 9},
+                        "image_num_key_value_heads": 4, "image_mlp_dim": 128, "image_num_layers": 9,
+                        "image_patch_size": 14, "image_pos_patch_size": 14, "image_num_pos": 577},
 }  # fmt: skip
 
 
@@ -136,7 +138,7 @@ def init_random(model: MolmoeForCausalLM, seed: int) -> None:
 
 def build_runtime(size: str, device: torch.device, dtype: torch.dtype, seed: int) -> AdaptiveMolmoe:
     start = time.perf_counter()
-    tokenizer = _train_tokenizer(TOKENIZER_VOCAB)
+    tokenizer = train_tokenizer(TOKENIZER_VOCAB)
     config = MolmoeConfig.from_dict(model_config(size, tokenizer.get_vocab_size() - len(IMAGE_TOKENS)), f"<{size}>")
     n_ids = config.embedding_size + config.additional_vocab_size
     if tokenizer.get_vocab_size() > n_ids:
@@ -151,7 +153,10 @@ def build_runtime(size: str, device: torch.device, dtype: torch.dtype, seed: int
         config.n_layers, config.moe_num_experts, config.expert_hidden, config.moe_top_k, config.vision.width,
         config.vision.n_layers,
     )  # fmt: skip
-    return AdaptiveMolmoe(model, MolmoeProcessor(tokenizer), model_id=f"random-{size}")
+    vision = DEFAULT_VISION
+    if size == "tiny":  # the tiny model's 28 px patches (see lmms_adaptive.tiny)
+        vision = VisionPreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_PREPROCESSOR.items()})
+    return AdaptiveMolmoe(model, MolmoeProcessor(tokenizer, vision), model_id=f"random-{size}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from lmms_adaptive.config import MolmoeConfig
 from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM
 from lmms_adaptive.processor import MolmoeProcessor
 from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
-from lmms_adaptive.tiny import IMAGE_TOKENS, TINY_VERSION, build_tiny, default_checkpoint
+from lmms_adaptive.tiny import IMAGE_TOKENS, SHIPPED_CHECKPOINT, build_tiny, default_checkpoint
 
 PROMPT_IDS = torch.tensor([[0, 17, 250, 3, 99, 480, 12, 7, 301, 44]])
 
@@ -359,12 +359,12 @@ def test_tiny_checkpoint_generates_text(tiny_dir) -> None:
     assert out.n_crops >= 2 and out.n_image_tokens > 0 and out.n_prompt_tokens > out.n_image_tokens
 
 
-def test_default_checkpoint_is_built_once_in_the_isolated_home(isolated_home: Path) -> None:
+def test_shipped_default_is_the_trained_tiny_model_and_loads_strictly() -> None:
     folder = default_checkpoint()
-    assert folder == isolated_home / TINY_VERSION
-    assert (folder / SAFETENSORS).is_file()
-    stamp = (folder / SAFETENSORS).stat().st_mtime_ns
-    assert default_checkpoint() == folder and (folder / SAFETENSORS).stat().st_mtime_ns == stamp
+    assert folder == SHIPPED_CHECKPOINT and (folder / SAFETENSORS).is_file()
+    config = MolmoeConfig.from_folder(folder)
+    assert load_model(folder, "cpu").config == config  # strict: no missing, unexpected or mis-shaped tensor
+    assert config.vision.patch_size == 28 and config.n_layers == 8
     rt = AdaptiveMolmoe.from_pretrained(None, device="cpu")
     assert rt.model_id == fingerprint(folder)
     assert len(rt.generate("Hi", None, gen=GenerationConfig(max_new_tokens=2, stop_at_eos=False)).token_ids) == 2

@@ -1,0 +1,404 @@
+"""Train the embedded default: a tiny MolmoE, from scratch, on the synthetic visual-QA suite, elastically.
+
+    python -m lmms_adaptive.pretrain OUT_DIR                      # train (resumes if OUT_DIR has a state)
+    python -m lmms_adaptive.pretrain OUT_DIR --steps 40 --eval-every 20  # a quick smoke run
+
+Each step draws one plan (max_crops from the tiers, a top-k from the knob space's options, and a random
+set of dropped blocks as the plan space allows) and trains next-token prediction of the answer under
+it, so the model works across plans and degrades gracefully toward cheap ones. The prompt is exactly
+what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format). Steps are deterministic
+functions of (seed, step): the plan, the samples and their order, so a resumed run continues the same
+run. Writes into OUT_DIR: `state.pt` (resume point), `metrics.csv` (loss curve), `eval.csv`
+(validation accuracy per tier and question type), `curves.png`, and `checkpoint/` (the trained model
+in the real checkpoint format, weights in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+from tqdm import tqdm
+
+from . import synthetic
+from .checkpoint import load_model, save_weights
+from .config import MolmoeConfig
+from .model import LayerSchedule, MolmoeForCausalLM
+from .plan import KnobSpace
+from .processor import MolmoeProcessor, ProcessedRequest
+from .runtime import AdaptiveMolmoe, GenerationConfig
+from .tiny import build_tiny
+
+log = logging.getLogger(__name__)
+
+# What lmms-eval's textvqa / pope task configs append to the question (their default post_prompt).
+POST_PROMPT = "\nAnswer the question using a single word or phrase."
+# Reading is the hardest question type and the one that needs the high tier: seen twice per cycle.
+TRAIN_MIX = ("color", "shape", "count", "read", "read", "yesno")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    steps: int = 900
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    full_plan_prob: float = 0.25  # share of steps at the full decoder (any tier)
+    seed: int = 0
+    eval_every: int = 150
+    eval_samples: int = 40  # validation samples per evaluation (each run at every tier)
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in ("seed", "weight_decay") and not value > 0:
+                raise ValueError(f"pretrain config: {f.name} must be > 0, got {value!r}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Steps: a plan and a batch, both functions of (seed, step)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one training step runs: the tier (processor) and the decoder schedule."""
+
+    max_crops: int
+    schedule: LayerSchedule
+
+
+def sample_step_plan(space: KnobSpace, seed: int, step: int, full_plan_prob: float) -> StepPlan:
+    """A random point of the plan space; dropped blocks are any of 1..L-1 (block 0 always runs, as insert_pos >= 1)."""
+    rng = random.Random(f"plan/{seed}/{step}")
+    max_crops = rng.choice(space.tiers)
+    if rng.random() < full_plan_prob:
+        return StepPlan(max_crops, LayerSchedule(tuple((i, space.model_top_k) for i in range(space.n_layers))))
+    top_k = rng.choice(space.top_k_options)
+    n_blocks = rng.choice(space.block_options(1))
+    dropped = set(rng.sample(range(1, space.n_layers), space.n_layers - n_blocks))
+    return StepPlan(max_crops, LayerSchedule(tuple((i, top_k) for i in range(space.n_layers) if i not in dropped)))
+
+
+def train_sample(seed: int, index: int) -> synthetic.Sample:
+    """The `index`-th training sample: question types cycle through TRAIN_MIX."""
+    cycle, slot = divmod(index, len(TRAIN_MIX))
+    qtype = TRAIN_MIX[slot]
+    return synthetic.make_sample("train", seed, qtype, cycle * TRAIN_MIX.count(qtype) + TRAIN_MIX[:slot].count(qtype))
+
+
+@dataclass
+class Batch:
+    """Right-padded prompts + answers; loss only where `labels` >= 0. Right padding needs no mask: causal
+    attention never lets a real token see a later pad."""
+
+    input_ids: Tensor  # [B, L]
+    labels: Tensor  # [B, L], the next token to predict at each position or -1
+    crops: Tensor  # [sum of crops, patches, patch_dim], every sample's crops concatenated
+    crop_masks: Tensor  # [sum of crops, patches]
+    crops_per_sample: list[int]
+    image_input_idx: Tensor  # [B, max crops, tokens per crop], -1 where none
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)
+
+
+def answer_ids(tokenizer: Tokenizer, answer: str, eos: int) -> list[int]:
+    """The answer as the model should generate it after "Assistant:": a leading space, then EOS."""
+    return tokenizer.encode(" " + answer, add_special_tokens=False).ids + [eos]
+
+
+def collate(requests: list[ProcessedRequest], answers: list[list[int]], pad_id: int) -> Batch:
+    lengths = [len(r.input_ids) + len(a) for r, a in zip(requests, answers, strict=True)]
+    batch, width = len(requests), max(lengths)
+    ids = np.full((batch, width), pad_id, dtype=np.int64)
+    labels = np.full((batch, width), -1, dtype=np.int64)
+    max_crops = max(r.n_crops for r in requests)
+    per_crop = requests[0].image_input_idx.shape[1]
+    idx = np.full((batch, max_crops, per_crop), -1, dtype=np.int64)
+    for b, (r, a) in enumerate(zip(requests, answers, strict=True)):
+        n = len(r.input_ids)
+        ids[b, : n + len(a)] = np.concatenate([r.input_ids, a])
+        labels[b, n - 1 : n - 1 + len(a)] = a
+        idx[b, : r.n_crops] = r.image_input_idx
+    return Batch(
+        input_ids=torch.from_numpy(ids),
+        labels=torch.from_numpy(labels),
+        crops=torch.from_numpy(np.concatenate([r.images for r in requests])),
+        crop_masks=torch.from_numpy(np.concatenate([r.image_masks for r in requests])),
+        crops_per_sample=[r.n_crops for r in requests],
+        image_input_idx=torch.from_numpy(idx),
+    )
+
+
+class StepStream(torch.utils.data.IterableDataset):
+    """(step, StepPlan, Batch) for steps start..cfg.steps-1; runs in a loader worker, so rendering and
+    preprocessing overlap the training step."""
+
+    def __init__(self, folder: Path, cfg: PretrainConfig, start: int) -> None:
+        self.folder, self.cfg, self.start = folder, cfg, start
+
+    def __iter__(self) -> Iterator[tuple[int, StepPlan, Batch]]:
+        torch.set_num_threads(1)
+        processor = MolmoeProcessor.from_pretrained(self.folder)
+        space = KnobSpace.from_config(MolmoeConfig.from_folder(self.folder))
+        cfg, eos, pad = self.cfg, processor.special.eos, processor.tokenizer.token_to_id("<|padding|>")
+        for step in range(self.start, cfg.steps):
+            plan = sample_step_plan(space, cfg.seed, step, cfg.full_plan_prob)
+            samples = [train_sample(cfg.seed, step * cfg.batch_size + i) for i in range(cfg.batch_size)]
+            requests = [processor(s.question + POST_PROMPT, [s.image], max_crops=plan.max_crops) for s in samples]
+            answers = [answer_ids(processor.tokenizer, s.answer, eos) for s in samples]
+            yield step, plan, collate(requests, answers, pad)
+
+
+def batch_loss(model: MolmoeForCausalLM, batch: Batch, schedule: LayerSchedule) -> Tensor:
+    """Mean cross-entropy over the answer tokens of the batch under `schedule`."""
+    features = model.encode_images(batch.crops, batch.crop_masks)  # [sum crops, tokens, D]
+    per_sample = features.split(batch.crops_per_sample)
+    padded = features.new_zeros(len(per_sample), batch.image_input_idx.shape[1], *features.shape[1:])
+    for b, f in enumerate(per_sample):
+        padded[b, : f.shape[0]] = f
+    x = model.embed(batch.input_ids, padded, batch.image_input_idx)
+    positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+    hidden = model.decode_layers(x, positions, schedule)
+    target = batch.labels >= 0
+    logits = model.logits(hidden[target]).float()
+    return torch.nn.functional.cross_entropy(logits, batch.labels[target])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: greedy answers at the full decoder, per tier and question type
+# ----------------------------------------------------------------------------------------------------
+
+
+def validation_samples(seed: int, n: int) -> list[synthetic.Sample]:
+    return synthetic.generate("validation", n, seed)
+
+
+def evaluate(runtime: AdaptiveMolmoe, samples: list[synthetic.Sample]) -> dict[tuple[int, str], float]:
+    """Exact-match accuracy (lowercased, stripped) per (max_crops, qtype) at the full decoder. A quick
+    training monitor; the reported accuracies come from lmms-eval's own scorers (`profile`)."""
+    gen = GenerationConfig(max_new_tokens=8)
+    hits: dict[tuple[int, str], list[bool]] = {}
+    for tier in runtime.knobs.tiers:
+        plan = runtime.knobs.full_plan(tier)
+        for s in samples:
+            out = runtime.generate(s.question + POST_PROMPT, [s.image], plan, gen)
+            hits.setdefault((tier, s.qtype), []).append(out.text.strip().lower() == s.answer)
+    return {key: sum(v) / len(v) for key, v in sorted(hits.items())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# State, logs, export
+# ----------------------------------------------------------------------------------------------------
+
+
+class RunDir:
+    """OUT_DIR of a training run: the initial random checkpoint, resumable state and logs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.init = root / "init"
+        self.state = root / "state.pt"
+        self.metrics = root / "metrics.csv"
+        self.eval = root / "eval.csv"
+        self.checkpoint = root / "checkpoint"
+        self.config = root / "pretrain_config.json"
+
+    def prepare(self, cfg: PretrainConfig) -> None:
+        """Create the run, or check that an existing one was started with the same config."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        wanted = asdict(cfg)
+        if self.config.is_file():
+            saved = json.loads(self.config.read_text())
+            differs = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+            if differs:
+                raise ValueError(
+                    f"{self.config} was written by a run with other settings (saved, asked): {differs}; "
+                    "use another OUT_DIR or the same flags"
+                )
+        else:
+            self.config.write_text(json.dumps(wanted, indent=2) + "\n")
+        if not (self.init / "model.safetensors").is_file():
+            build_tiny(self.init, seed=cfg.seed)
+
+    def save_state(self, model: MolmoeForCausalLM, optimizer: torch.optim.Optimizer, step: int) -> None:
+        tmp = self.state.with_suffix(".tmp")
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+        os.replace(tmp, self.state)  # atomic: an interrupted save keeps the previous state
+
+    def load_state(self, model: MolmoeForCausalLM, optimizer: torch.optim.Optimizer) -> int:
+        """Restore the last saved step (0 if none) and drop log rows written after it."""
+        if not self.state.is_file():
+            return 0
+        state = torch.load(self.state, map_location=model.lm_head.weight.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        for path in (self.metrics, self.eval):
+            _truncate_csv(path, step)
+        log.info("resuming %s at step %d", self.root, step)
+        return step
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if int(r["step"]) < step]
+    if len(kept) != len(rows) and rows:
+        _write_rows(path, kept, list(rows[0]), mode="w")
+
+
+def _write_rows(path: Path, rows: list[dict], columns: list[str], mode: str = "a") -> None:
+    new = mode == "w" or not path.is_file()
+    with path.open(mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def export(model: MolmoeForCausalLM, init: Path, out: Path) -> Path:
+    """The trained model as a checkpoint folder: the init folder's config/tokenizer files + bf16 weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in init.glob("*.json"):
+        (out / f.name).write_bytes(f.read_bytes())
+    save_weights(model, out, torch.bfloat16)
+    return out
+
+
+def plot_curves(run: RunDir) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with run.metrics.open() as f:
+        rows = list(csv.DictReader(f))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [int(r["step"]) for r in rows]
+    losses = np.array([float(r["loss"]) for r in rows])
+    window = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    ax_loss.plot(steps, losses, alpha=0.3, label="loss")
+    ax_loss.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
+    ax_loss.set(xlabel="step", ylabel="answer cross-entropy", yscale="log", title="training loss")
+    ax_loss.legend()
+    if run.eval.is_file():
+        with run.eval.open() as f:
+            evals = list(csv.DictReader(f))
+        for key in sorted({(int(r["max_crops"]), r["qtype"]) for r in evals}):
+            pts = [(int(r["step"]), float(r["accuracy"])) for r in evals if (int(r["max_crops"]), r["qtype"]) == key]
+            ax_acc.plot(*zip(*pts, strict=True), marker="o", label=f"{key[1]} @ {key[0]} crops")
+        ax_acc.set(xlabel="step", ylabel="exact match", title="validation, full decoder", ylim=(0, 1))
+        ax_acc.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path = run.root / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
+    """Train (or resume) the run in `out` on `device` (fp32); returns the exported checkpoint folder."""
+    torch.manual_seed(cfg.seed)
+    run = RunDir(out)
+    run.prepare(cfg)
+    model = load_model(run.init, torch.device(device), torch.float32).requires_grad_(True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start = run.load_state(model, optimizer)
+    runtime = AdaptiveMolmoe(model, MolmoeProcessor.from_pretrained(run.init))
+    val = validation_samples(cfg.seed, cfg.eval_samples)
+
+    loader = torch.utils.data.DataLoader(StepStream(run.init, cfg, start), batch_size=None, num_workers=1, prefetch_factor=4)
+    began = time.perf_counter()
+    bar = tqdm(loader, total=cfg.steps, initial=start, desc="pretrain", unit="step")
+    for step, plan, batch in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        loss = batch_loss(model, batch.to(model.lm_head.weight.device), plan.schedule)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        row = {
+            "step": step, "loss": round(value, 5), "lr": cfg.lr_at(step), "max_crops": plan.max_crops,
+            "top_k": plan.schedule.layers[-1][1], "n_blocks": len(plan.schedule.layers),
+            "answer_tokens": batch.n_answer_tokens, "seconds": round(time.perf_counter() - began, 2),
+        }  # fmt: skip
+        _write_rows(run.metrics, [row], list(row))
+        bar.set_postfix(loss=f"{value:.3f}", crops=plan.max_crops)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            model.eval()
+            accuracy = evaluate(runtime, val)
+            model.train()
+            rows = [{"step": step, "max_crops": c, "qtype": q, "accuracy": round(a, 4)} for (c, q), a in accuracy.items()]
+            _write_rows(run.eval, rows, list(rows[0]))
+            log.info("step %d validation: %s", done, {f"{q}@{c}": round(a, 2) for (c, q), a in accuracy.items()})
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            run.save_state(model, optimizer, done)
+    model.eval()
+    folder = export(model, run.init, run.checkpoint)
+    log.info("trained checkpoint: %s; curves: %s", folder, plot_curves(run))
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    defaults = PretrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m lmms_adaptive.pretrain",
+        description=__doc__.split("\n\n")[0],
+        epilog="Re-running with the same OUT_DIR and flags resumes from the last saved step.",
+    )
+    parser.add_argument("out", type=Path, help="run folder (state, logs, and checkpoint/ at the end)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); not part of the run's identity")
+    for f in fields(PretrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
+                            help=f"(default {getattr(defaults, f.name)})")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    print(train(args.out, cfg, args.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Elastic pretraining of the tiny default: plans, batches, the loss going down, and exact resumption."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmms_adaptive import pretrain, synthetic
+from lmms_adaptive.checkpoint import load_model
+from lmms_adaptive.config import MolmoeConfig
+from lmms_adaptive.plan import KnobSpace
+from lmms_adaptive.processor import MolmoeProcessor
+
+QUICK = pretrain.PretrainConfig(steps=6, batch_size=2, lr=3e-3, warmup_steps=2, eval_every=1000, eval_samples=1, save_every=3)
+
+
+@pytest.fixture(scope="module")
+def knobs(tiny_dir: Path) -> KnobSpace:
+    return KnobSpace.from_config(MolmoeConfig.from_folder(tiny_dir))
+
+
+def test_step_plans_are_valid_points_of_the_plan_space(knobs: KnobSpace) -> None:
+    seen_tiers, seen_k, seen_blocks = set(), set(), set()
+    for step in range(200):
+        plan = pretrain.sample_step_plan(knobs, seed=0, step=step, full_plan_prob=0.25)
+        blocks = plan.schedule.blocks
+        assert plan.max_crops in knobs.tiers
+        assert blocks[0] == 0 and list(blocks) == sorted(set(blocks))  # block 0 always runs, in order
+        assert len(blocks) in knobs.block_options(1)
+        assert len({k for _, k in plan.schedule.layers}) == 1
+        seen_tiers.add(plan.max_crops)
+        seen_k.add(plan.schedule.layers[-1][1])
+        seen_blocks.add(len(blocks))
+    assert seen_tiers == set(knobs.tiers) and seen_k == set(knobs.top_k_options)
+    assert seen_blocks == set(knobs.block_options(1))
+    assert pretrain.sample_step_plan(knobs, 0, 7, 0.25) == pretrain.sample_step_plan(knobs, 0, 7, 0.25)
+
+
+def test_training_samples_follow_the_mix_deterministically() -> None:
+    qtypes = [pretrain.train_sample(0, i).qtype for i in range(2 * len(pretrain.TRAIN_MIX))]
+    assert qtypes == list(pretrain.TRAIN_MIX) * 2
+    reads = [pretrain.train_sample(0, i) for i in range(12) if pretrain.TRAIN_MIX[i % 6] == "read"]
+    assert len({s.sample_id for s in reads}) == len(reads)  # the two read slots never repeat a sample
+    assert pretrain.train_sample(0, 5).sample_id == pretrain.train_sample(0, 5).sample_id
+    assert all(pretrain.train_sample(0, i).sample_id.startswith("synth-train") for i in range(6))
+
+
+def test_collate_puts_labels_on_the_answer_tokens(tiny_dir: Path) -> None:
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    eos, pad = processor.special.eos, processor.tokenizer.token_to_id("<|padding|>")
+    samples = synthetic.generate("train", 2, seed=3)
+    requests = [processor(s.question + pretrain.POST_PROMPT, [s.image], max_crops=3) for s in samples]
+    answers = [pretrain.answer_ids(processor.tokenizer, s.answer, eos) for s in samples]
+    batch = pretrain.collate(requests, answers, pad)
+    for b, (r, a) in enumerate(zip(requests, answers, strict=True)):
+        n = len(r.input_ids)
+        assert batch.input_ids[b, n : n + len(a)].tolist() == a
+        targets = batch.labels[b][batch.labels[b] >= 0].tolist()
+        assert targets == a and batch.labels[b, n - 1] == a[0]  # position n-1 predicts the first answer token
+        assert processor.decode(a[:-1]).strip() == samples[b].answer and a[-1] == eos
+    assert batch.crops.shape[0] == sum(batch.crops_per_sample)
+    assert batch.n_answer_tokens == sum(len(a) for a in answers)
+
+
+def test_a_short_run_lowers_the_loss_and_exports_a_checkpoint(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(QUICK, steps=16, batch_size=4)
+    run = pretrain.RunDir(tmp_path / "run")
+    run.prepare(cfg)
+    fixed = next(iter(pretrain.StepStream(run.init, dataclasses.replace(cfg, seed=99, full_plan_prob=1.0), 0)))[2]
+    full = pretrain.sample_step_plan(KnobSpace.from_config(MolmoeConfig.from_folder(run.init)), 0, 0, 1.0).schedule
+    with torch.no_grad():
+        before = float(pretrain.batch_loss(load_model(run.init), fixed, full))
+    folder = pretrain.train(tmp_path / "run", cfg)
+    with torch.no_grad():
+        after = float(pretrain.batch_loss(load_model(folder), fixed, full))
+    assert after < 0.7 * before, (before, after)
+    assert load_model(folder).config == MolmoeConfig.from_folder(run.init)
+    assert (tmp_path / "run" / "curves.png").is_file()
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + cfg.steps
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    straight = pretrain.train(tmp_path / "straight", QUICK)
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def interrupting_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the state saved at step 3
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(tmp_path / "resumed", QUICK)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed = pretrain.train(tmp_path / "resumed", QUICK)
+
+    a, b = load_model(straight).state_dict(), load_model(resumed).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    steps = [line.split(",")[0] for line in (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(QUICK.steps)]  # no duplicated or missing step rows
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
+    pretrain.RunDir(tmp_path).prepare(QUICK)
+    with pytest.raises(ValueError, match="lr"):
+        pretrain.RunDir(tmp_path).prepare(dataclasses.replace(QUICK, lr=1e-4))
+
+
+def test_config_validation_and_schedule() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain.PretrainConfig(batch_size=0)
+    cfg = pretrain.PretrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
+    assert cfg.lr_at(99) == pytest.approx(0.1, abs=1e-3)
