@@ -104,6 +104,23 @@ def read_artifact(path: str | Path, model_fingerprint: str, knobs: KnobSpace) ->
     return artifact
 
 
+# Shipped controller artifacts (`controllers/` of a source checkout, i.e. an editable install).
+REPO_ARTIFACTS = Path(__file__).resolve().parents[1] / "controllers"
+
+
+def find_artifact(kind: str, model_fingerprint: str, folders: list[Path]) -> Path | None:
+    """The first `*.json` artifact of `kind` made for this model in `folders` (in order, files sorted by name)."""
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            try:
+                head = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(head, dict) and head.get("kind") == kind and head.get("model_fingerprint") == model_fingerprint:
+                return path
+    return None
+
+
 def knob_space_json(knobs: KnobSpace) -> dict[str, Any]:
     """The knob space as it reads back from JSON (lists, not tuples), for comparing artifacts."""
     return json.loads(json.dumps(asdict(knobs)))
@@ -117,4 +134,8 @@ def load_controller(artifact: dict[str, Any], knobs: KnobSpace) -> Controller:
     kind = artifact["kind"]
     if kind == "static":
         return StaticController(Plan(**artifact["plan"]), knobs)
-    raise ArtifactError(f"controller artifact of kind {kind!r} is not supported by this version (known: static)")
+    if kind == "lookup":
+        from .lookup import lookup_from_artifact  # lazy: lookup imports this module
+
+        return lookup_from_artifact(artifact, knobs)
+    raise ArtifactError(f"controller artifact of kind {kind!r} is not supported by this version (known: static, lookup)")

@@ -24,7 +24,16 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
 
-from .controllers import BUILTIN_CONTROLLERS, Controller, RequestFacts, StaticController, load_controller, read_artifact
+from .controllers import (
+    BUILTIN_CONTROLLERS,
+    REPO_ARTIFACTS,
+    Controller,
+    RequestFacts,
+    StaticController,
+    find_artifact,
+    load_controller,
+    read_artifact,
+)
 from .plan import TIER_NAMES, Plan
 from .processor import crop_count, image_token_count, to_rgb_array
 from .records import RecordWriter, RequestRecord, summarize, summarize_by_task
@@ -138,11 +147,16 @@ class AdaptiveMolmoeLMM(lmms):
             given = ", ".join(k for k, v in static_args.items() if v is not None)
             raise ModelArgError(f"{given} only apply to controller=static (controller={name!r} chooses the knobs itself)")
         if name in BUILTIN_CONTROLLERS:
-            raise ModelArgError(
-                f"controller={name!r} has no artifact for this model yet: build one (profiling / training) and pass its path, "
-                "or use controller=static"
-            )
-        path = Path(str(name))
+            folders = [p for p in (self.rt.folder and self.rt.folder / "controllers", REPO_ARTIFACTS) if p is not None]
+            path = find_artifact(name, self.rt.model_id, folders)
+            if path is None:
+                raise ModelArgError(
+                    f"controller={name!r}: no {name} artifact for this model (fingerprint {self.rt.model_id}) in "
+                    f"{', '.join(map(str, folders))}: build one (profiling / training) and pass its path, or use controller=static"
+                )
+            log.info("adaptive_molmoe: controller=%s uses %s", name, path)
+        else:
+            path = Path(str(name))
         if not path.is_file():
             raise ModelArgError(f"controller must be one of {', '.join(BUILTIN_CONTROLLERS)} or a controller artifact file, got {name!r}")
         return load_controller(read_artifact(path, self.rt.model_id, knobs), knobs)

@@ -119,7 +119,7 @@ def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch)
         ("insert_pos=9", "insert_pos must be one of [1, 2, 3]"),
         ("max_new_tokens=0", "max_new_tokens must be a positive integer"),
         ("pretrained=/no/such/folder", "pretrained='/no/such/folder': checkpoint folder not found"),
-        ("controller=lookup,budget=100", "controller='lookup' has no artifact"),
+        ("controller=grpo,budget=100", "no grpo artifact for this model"),
         ("controller=fancy", "controller must be one of static, lookup, grpo"),
         ("controller=lookup,top_k=4", "top_k only apply to controller=static"),
         ("dtype=int8", "dtype must be one of"),
@@ -215,3 +215,14 @@ def test_record_writer_appends(tmp_path):
     writer.write(_record(1))
     writer.close()
     assert [r["doc_id"] for r in read_records(tmp_path / "r.jsonl")] == [0, 1]
+
+
+def test_builtin_controller_names_find_this_models_artifact(tmp_path):
+    from lmms_adaptive.controllers import find_artifact
+
+    (tmp_path / "a_other.json").write_text(json.dumps({"kind": "lookup", "model_fingerprint": "other"}))
+    (tmp_path / "b_broken.json").write_text("{not json")
+    (tmp_path / "c_static.json").write_text(json.dumps({"kind": "static", "model_fingerprint": "mine"}))
+    (tmp_path / "d_mine.json").write_text(json.dumps({"kind": "lookup", "model_fingerprint": "mine"}))
+    assert find_artifact("lookup", "mine", [tmp_path / "missing", tmp_path]) == tmp_path / "d_mine.json"
+    assert find_artifact("grpo", "mine", [tmp_path]) is None
