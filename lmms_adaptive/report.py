@@ -1,0 +1,570 @@
+"""Reports over evaluation runs: per-task tables (score, latency, violations, knobs) and score/latency plots.
+
+    python -m lmms_adaptive.report RUN_DIR [RUN_DIR ...] --out OUT [--profile PROFILE_DIR]
+    python -m lmms_adaptive.report compare --controllers static,lookup=controllers/lookup.json \\
+        --budgets 50,100,200 --tasks synth_vqa_test,synth_pope_test --include-path tasks --out OUT
+
+An evaluation run is one lmms-eval `--output_path` folder for one (controller, budget): lmms-eval's
+`*_results.json` (task metrics) and the plugin's records (`adaptive_molmoe/*.jsonl`, one line per
+request). A RUN_DIR may be a run folder or any folder above run folders.
+
+The task metric comes from lmms-eval's results; every other column is computed from the records.
+With `--profile`, each plan of a profiling sweep becomes a grey point on the plots (mean per-sample
+score against mean latency) and the oracle (best measured plan per request under each budget) adds
+rows to the tables.
+
+`compare` runs lmms-eval once per (controller, budget) into `OUT/runs/<name>@<budget>` and then
+writes the report into OUT. A static controller ignores the budget, yet it is run at every budget
+too: its scores and latencies repeat, but its violation rate is per budget. Runs whose results
+exist are skipped, so an interrupted compare resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .records import ProfileRow, plan_key, read_records, summarize
+from .results import latest_results
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = "adaptive_molmoe"  # the plugin's record folder under lmms-eval's --output_path
+RUN_MANIFEST = "run.json"  # written by `compare`: the controller name given on its command line
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ORACLE = "oracle"
+
+# ----------------------------------------------------------------------------------------------------
+# Loading runs
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    task: str
+    metric: str | None  # None when lmms-eval reported no numeric metric for the task
+    score: float | None
+    records: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    folder: Path
+    controller: str  # label: "static[crops12_k8_b16_p1]", "lookup", ... or the name given to `compare`
+    budget_ms: float | None
+    tasks: dict[str, TaskRun]
+
+
+def primary_metric(task_results: dict[str, Any]) -> tuple[str, float] | None:
+    """The main score of one `results[task]` entry of lmms-eval, as (name, value).
+
+    Rule: the first numeric `metric,filter` entry in lmms-eval's order (the task YAML's `metric_list`
+    order, whose first metric is the task's headline: exact_match, pope_accuracy, ...), leaving out
+    stderr entries, `alias`, and textvqa's `submission` (a file, not a score). MME is the exception:
+    its headline is the total, perception + cognition, reported as `mme_total_score`.
+    The name drops the filter when it is `none`. None when the entry has no score.
+    """
+    scores = {
+        key: float(value)
+        for key, value in task_results.items()
+        if "," in key
+        and "_stderr" not in key
+        and key.split(",")[0] != "submission"
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    }
+    parts = ("mme_perception_score,none", "mme_cognition_score,none")
+    if all(p in scores for p in parts):
+        return "mme_total_score", sum(scores[p] for p in parts)
+    if not scores:
+        return None
+    key, value = next(iter(scores.items()))
+    name, filt = key.split(",", 1)
+    return (name if filt == "none" else key), value
+
+
+def controller_label(description: dict[str, Any]) -> str:
+    """A short name for `Controller.describe()`: the kind, with the plan for a static controller."""
+    if description.get("kind") == "static" and "plan" in description:
+        return f"static[{plan_key(description['plan'])}]"
+    return str(description.get("kind", "unknown"))
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (folder / RECORDS_DIR).is_dir() or any(folder.glob("*_results.json"))
+
+
+def discover_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run folders among `paths` and below them (a run folder's own subfolders are not searched)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"not a folder: {path}")
+        if is_run_folder(path):
+            found.append(path)
+        else:
+            found.extend(discover_runs(sorted(p for p in path.iterdir() if p.is_dir())))
+    return found
+
+
+def load_run(folder: str | Path) -> RunResult:
+    """One run folder: the newest results file and every record file of the plugin."""
+    folder = Path(folder)
+    _, results = latest_results(folder)
+    record_files = sorted((folder / RECORDS_DIR).glob("*.jsonl"))
+    records = [r for path in record_files for r in read_records(path)]
+    if not records:
+        raise ValueError(f"{folder}: no request records in {folder / RECORDS_DIR} (was lmms-eval run with --output_path?)")
+    controller = _single(folder, "controller", [json.dumps(r["controller"], sort_keys=True) for r in records])
+    budget = _single(folder, "budget_ms", [r["budget_ms"] for r in records])
+    manifest = folder / RUN_MANIFEST
+    label = json.loads(manifest.read_text())["label"] if manifest.is_file() else controller_label(json.loads(controller))
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    tasks = {}
+    for task in sorted(set(results.get("results", {})) | set(by_task)):
+        metric = primary_metric(results.get("results", {}).get(task, {}))
+        name, score = metric if metric else (None, None)
+        tasks[task] = TaskRun(task, name, score, by_task.get(task, []))
+    return RunResult(folder, label, budget, tasks)
+
+
+def _single(folder: Path, field: str, values: Sequence[Any]) -> Any:
+    distinct = set(values)
+    if len(distinct) != 1:
+        raise ValueError(f"{folder}: records disagree on {field} ({sorted(map(str, distinct))}): one run folder per evaluation")
+    return values[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableRow:
+    controller: str
+    budget_ms: float | None
+    metric: str | None
+    score: float | None
+    latency_mean_ms: float
+    latency_p95_ms: float
+    violation_rate: float | None  # fraction of requests over budget; None without a budget
+    mean_max_crops: float
+    mean_top_k: float
+    mean_blocks: float
+    n_requests: int
+    source: str = "run"  # "run" (an lmms-eval run) or "oracle" (from profile rows)
+
+
+def run_row(run: RunResult, task: str) -> TableRow | None:
+    """The table row of one run for one task; None when the run has no records for it."""
+    entry = run.tasks.get(task)
+    if entry is None or not entry.records:
+        return None
+    stats = summarize(entry.records)
+    plans = [r["plan"] for r in entry.records]
+    return TableRow(
+        controller=run.controller,
+        budget_ms=run.budget_ms,
+        metric=entry.metric,
+        score=entry.score,
+        latency_mean_ms=stats["latency_mean_ms"],
+        latency_p95_ms=stats["latency_p95_ms"],
+        violation_rate=stats["violation_rate"],
+        mean_max_crops=float(np.mean([p["max_crops"] for p in plans])),
+        mean_top_k=float(np.mean([p["top_k"] for p in plans])),
+        mean_blocks=float(np.mean([p["n_blocks"] for p in plans])),
+        n_requests=stats["n_requests"],
+    )
+
+
+def _row_order(row: TableRow) -> tuple:
+    return row.source == ORACLE, row.controller, row.budget_ms is not None, row.budget_ms or 0.0
+
+
+def task_tables(runs: Sequence[RunResult], extra: Sequence[tuple[str, TableRow]] = ()) -> dict[str, list[TableRow]]:
+    """Rows per task, sorted by controller then budget; `extra` (task, row) pairs (the oracle) come last."""
+    tables: dict[str, list[TableRow]] = defaultdict(list)
+    for run in runs:
+        for task in run.tasks:
+            row = run_row(run, task)
+            if row is not None:
+                tables[task].append(row)
+    for task, row in extra:
+        tables[task].append(row)
+    return {task: sorted(rows, key=_row_order) for task, rows in sorted(tables.items())}
+
+
+CSV_FIELDS = (
+    "controller", "budget_ms", "metric", "score", "latency_mean_ms", "latency_p95_ms", "violation_rate_pct",
+    "mean_max_crops", "mean_top_k", "mean_blocks", "n_requests", "source",
+)  # fmt: skip
+
+
+def csv_record(row: TableRow) -> dict[str, Any]:
+    out = asdict(row)
+    rate = out.pop("violation_rate")
+    out["violation_rate_pct"] = None if rate is None else 100.0 * rate
+    return {k: out[k] for k in CSV_FIELDS}
+
+
+def table_metric(rows: Sequence[TableRow]) -> str:
+    return next((r.metric for r in rows if r.metric and r.source != ORACLE), "score")
+
+
+def markdown_table(rows: Sequence[TableRow]) -> str:
+    header = ["controller", "budget (ms)", table_metric(rows), "mean latency (ms)", "p95 latency (ms)",
+              "violations (%)", "mean max_crops", "mean top_k", "mean blocks", "n requests"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        name = f"{r.controller} (profile)" if r.source == ORACLE else r.controller
+        cells = [
+            name, _num(r.budget_ms, "g"), _num(r.score, ".4g"), _num(r.latency_mean_ms, ".1f"), _num(r.latency_p95_ms, ".1f"),
+            _num(None if r.violation_rate is None else 100.0 * r.violation_rate, ".1f"),
+            _num(r.mean_max_crops, ".2f"), _num(r.mean_top_k, ".2f"), _num(r.mean_blocks, ".2f"), str(r.n_requests),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Profile: static plan points and oracle rows
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    plan: str  # plan key
+    score: float  # mean per-sample score over the task's samples
+    latency_mean_ms: float
+    n_samples: int
+
+
+def plan_points(rows: Sequence[ProfileRow], task: str) -> list[PlanPoint]:
+    """Every static plan measured for `task` in a profile, as (mean score, mean total_ms)."""
+    by_plan: dict[str, list[ProfileRow]] = defaultdict(list)
+    for row in rows:
+        if row.task == task:
+            by_plan[plan_key(row.plan.to_dict())].append(row)
+    return [
+        PlanPoint(key, float(np.mean([r.score for r in group])), float(np.mean([r.total_ms for r in group])), len(group))
+        for key, group in sorted(by_plan.items())
+    ]
+
+
+def oracle_rows(rows: Sequence[ProfileRow], budgets: Sequence[float]) -> list[tuple[str, TableRow]]:
+    """(task, row) per task and budget: the profile's oracle, the best measured plan per sample that fits
+    the budget (`lookup.oracle_summary`, imported only when a profile is given)."""
+    from .lookup import oracle_summary
+
+    return [
+        (
+            s.task,
+            TableRow(
+                controller=ORACLE,
+                budget_ms=s.budget_ms,
+                metric="mean_sample_score",
+                score=s.score,
+                latency_mean_ms=s.latency_mean_ms,
+                latency_p95_ms=s.latency_p95_ms,
+                violation_rate=s.violation_rate,
+                mean_max_crops=s.knobs["max_crops"],
+                mean_top_k=s.knobs["top_k"],
+                mean_blocks=s.knobs["n_blocks"],
+                n_requests=s.n_samples,
+                source=ORACLE,
+            ),
+        )
+        for s in oracle_summary(rows, budgets)
+    ]
+
+
+def default_budgets(rows: Sequence[ProfileRow], n: int = 5) -> list[float]:
+    """`n` budgets evenly spread over the profile's per-request latencies, 5th to 95th percentile
+    (the extremes are single slow or fast requests), rounded to whole milliseconds."""
+    if not rows:
+        raise ValueError("the profile has no rows: give --budgets")
+    low, high = np.percentile([r.total_ms for r in rows], [5, 95])
+    return sorted({float(max(1, round(b))) for b in np.linspace(low, high, n)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_task(task: str, rows: Sequence[TableRow], points: Sequence[PlanPoint], path: Path) -> Path:
+    """Score against mean latency: static plans of the profile in grey, one curve per controller over its
+    budgets (annotated). Plan points are mean 0-1 per-sample scores; when the task metric is on another
+    scale (MME's summed scores) they go on a right-hand axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    run_scores = [r.score for r in rows if r.score is not None and r.source != ORACLE]
+    same_scale = all(0.0 <= s <= 1.0 for s in run_scores)
+    if points:
+        plan_ax = ax if same_scale else ax.twinx()
+        plan_ax.scatter([p.latency_mean_ms for p in points], [p.score for p in points], color="0.7", s=14,
+                        label="static plans (profile)", zorder=1)  # fmt: skip
+        if not same_scale:
+            plan_ax.set_ylabel("mean per-sample score (profile)")
+    curves: dict[str, list[TableRow]] = defaultdict(list)
+    for row in rows:
+        if row.score is not None:
+            curves[row.controller].append(row)
+    for name, group in curves.items():
+        group = sorted(group, key=_row_order)
+        style = "--" if group[0].source == ORACLE else "-"
+        ax.plot([r.latency_mean_ms for r in group], [r.score for r in group], style, marker="o", label=name, zorder=2)
+        for r in group:
+            ax.annotate(_num(r.budget_ms, "g"), (r.latency_mean_ms, r.score), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("mean latency per request (ms)")
+    ax.set_ylabel(table_metric(rows))
+    ax.set_title(f"{task}: score vs latency (labels: budget ms)")
+    handles, labels = [], []
+    for a in fig.axes:
+        h, lab = a.get_legend_handles_labels()
+        handles += h
+        labels += lab
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing a report
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[ProfileRow] = ()) -> Path:
+    """`report_<task>.md/.csv/.png` per task and the combined `report.md` in `out`; returns report.md.
+
+    With profile rows: grey plan points on the plots and oracle rows at the runs' budgets."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = sorted({r.budget_ms for r in runs if r.budget_ms is not None})
+    run_tasks = {task for run in runs for task in run.tasks}
+    extra = [(t, row) for t, row in oracle_rows(profile, budgets) if t in run_tasks] if profile and budgets else []
+    tables = task_tables(runs, extra)
+    sections = ["# Latency-budgeted evaluation report\n", f"Runs: {len(runs)}. Metric from lmms-eval results; the other columns from the request records.\n"]
+    for task, rows in tables.items():
+        table = markdown_table(rows)
+        (out / f"report_{task}.md").write_text(f"# {task}\n\n{table}")
+        with (out / f"report_{task}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(csv_record(r) for r in rows)
+        plot = plot_task(task, rows, plan_points(profile, task), out / f"report_{task}.png")
+        sections.append(f"## {task}\n\n{table}\n![{task}]({plot.name})\n")
+    path = out / "report.md"
+    path.write_text("\n".join(sections))
+    log.info("report: %d tasks -> %s", len(tables), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# compare: run lmms-eval per (controller, budget)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    name: str
+    model_arg: str  # the value of model_args' `controller=`
+    named: bool  # the name was given on the command line (else the report labels the run from its records)
+
+
+def parse_controllers(spec: str) -> list[ControllerSpec]:
+    """`static,lookup=controllers/x.json,...`: `static`, or NAME=ARTIFACT for a controller artifact file."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item == "static":
+            out.append(ControllerSpec("static", "static", False))
+            continue
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"controller {item!r}: use `static` or NAME=ARTIFACT_FILE (e.g. lookup=controllers/lookup.json)")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"controller {name}: artifact file {path} not found")
+        out.append(ControllerSpec(name, str(Path(path).resolve()), True))
+    if not out:
+        raise ValueError("no controllers given")
+    return out
+
+
+def run_name(controller: ControllerSpec, budget: float) -> str:
+    return f"{controller.name}@{budget:g}"
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    controller: ControllerSpec
+    budget_ms: float
+    folder: Path
+    tasks: tuple[str, ...]
+    include_path: Path | None
+    limit: int | None
+    pretrained: Path | None
+    model_args: str | None  # extra model_args appended verbatim (device=..., max_new_tokens=...)
+
+    def command(self) -> list[str]:
+        args = f"controller={self.controller.model_arg},budget={self.budget_ms:g}"
+        if self.pretrained is not None:
+            args += f",pretrained={self.pretrained}"
+        if self.model_args:
+            args += f",{self.model_args}"
+        cmd = [sys.executable, "-m", "lmms_eval", "--model", "adaptive_molmoe", "--model_args", args,
+               "--tasks", ",".join(self.tasks), "--output_path", str(self.folder)]  # fmt: skip
+        if self.include_path is not None:
+            cmd += ["--include_path", str(self.include_path)]
+        if self.limit is not None:
+            cmd += ["--limit", str(self.limit)]
+        return cmd
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "lmms_eval.log"
+
+
+def is_complete(folder: Path) -> bool:
+    return any(folder.rglob("*_results.json")) and any((folder / RECORDS_DIR).glob("*.jsonl"))
+
+
+def run_job(job: EvalJob) -> None:
+    """One lmms-eval run. A folder left without results by an earlier attempt is cleared first, so the
+    folder holds exactly one run's records. lmms-eval exits 0 even when the evaluation failed: the
+    results file is what tells."""
+    if job.folder.exists():
+        shutil.rmtree(job.folder)
+    job.folder.mkdir(parents=True)
+    if job.controller.named:
+        (job.folder / RUN_MANIFEST).write_text(json.dumps({"label": job.controller.name}))
+    env = {**os.environ, **OFFLINE_ENV}
+    log.info("run %s: %s", job.folder.name, " ".join(job.command()))
+    with job.log_path.open("w") as log_file:
+        proc = subprocess.run(job.command(), check=False, cwd=job.folder, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not is_complete(job.folder):
+        raise RuntimeError(
+            f"lmms-eval run {job.folder.name} failed (exit code {proc.returncode}, results and records "
+            f"{'present' if is_complete(job.folder) else 'missing'}): see {job.log_path}"
+        )
+
+
+def compare(
+    controllers: Sequence[ControllerSpec],
+    budgets: Sequence[float],
+    tasks: Sequence[str],
+    out: str | Path,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    pretrained: str | Path | None = None,
+    model_args: str | None = None,
+    profile: Sequence[ProfileRow] = (),
+) -> Path:
+    """Evaluate every (controller, budget) not evaluated yet into `out/runs/`, then write the report."""
+    out = Path(out)
+    include = Path(include_path).resolve() if include_path is not None else None
+    checkpoint = Path(pretrained).resolve() if pretrained is not None else None
+    jobs = [
+        EvalJob(c, float(b), (out / "runs" / run_name(c, b)).resolve(), tuple(tasks), include, limit, checkpoint, model_args)
+        for c in controllers
+        for b in budgets
+    ]
+    todo = [job for job in jobs if not is_complete(job.folder)]
+    log.info("compare: %d runs, %d to evaluate, %d already done", len(jobs), len(todo), len(jobs) - len(todo))
+    for job in tqdm(todo, desc="compare", unit="run"):
+        run_job(job)
+    return write_report([load_run(job.folder) for job in jobs], out, profile)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_profile(folder: Path | None) -> list[ProfileRow]:
+    if folder is None:
+        return []
+    from .profile import read_profile
+
+    return read_profile(folder)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["compare"]:
+        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.report compare",
+                                         description="Run lmms-eval per (controller, budget), then write the report.")  # fmt: skip
+        parser.add_argument("--controllers", required=True, help="comma-separated: static and/or NAME=ARTIFACT_FILE")
+        parser.add_argument("--budgets", type=_floats, default=None,
+                            help="comma-separated ms (default: 5 budgets spread over the --profile latencies)")  # fmt: skip
+        parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")
+        parser.add_argument("--include-path", type=Path, default=None, help="folder of task YAMLs (e.g. tasks)")
+        parser.add_argument("--limit", type=int, default=None, help="documents per task (lmms-eval --limit)")
+        parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint folder (default: the built-in model)")
+        parser.add_argument("--model-args", default=None, help="extra model_args, e.g. device=cuda,max_new_tokens=16")
+        parser.add_argument("--profile", type=Path, default=None, help="profile folder: plan points, oracle rows, default budgets")
+        parser.add_argument("--out", type=Path, required=True, help="output folder (runs/ and the report)")
+        args = parser.parse_args(argv[1:])
+        profile = _read_profile(args.profile)
+        if args.budgets is None and not profile:
+            parser.error("give --budgets or --profile (the default budgets come from the profile's latencies)")
+        try:
+            controllers = parse_controllers(args.controllers)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err))
+        budgets = args.budgets if args.budgets is not None else default_budgets(profile)
+        tasks = [t for t in args.tasks.split(",") if t]
+        try:
+            path = compare(controllers, budgets, tasks, args.out, args.include_path, args.limit, args.pretrained, args.model_args, profile)
+        except RuntimeError as err:
+            print(err, file=sys.stderr)
+            return 1
+    else:
+        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.report", description=__doc__.split("\n\n")[0],
+                                         epilog="Subcommand: `compare` (see `python -m lmms_adaptive.report compare --help`).")  # fmt: skip
+        parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders above them")
+        parser.add_argument("--out", type=Path, required=True, help="output folder of the report")
+        parser.add_argument("--profile", type=Path, default=None, help="profile folder: plan points and oracle rows")
+        args = parser.parse_args(argv)
+        folders = discover_runs(args.runs)
+        if not folders:
+            parser.error(f"no run folders (with {RECORDS_DIR}/ records or *_results.json) under {', '.join(map(str, args.runs))}")
+        path = write_report([load_run(f) for f in folders], args.out, _read_profile(args.profile))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
