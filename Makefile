@@ -6,7 +6,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= 2.13.0
-TASKS  ?= textvqa_val_local,mme_local,pope_local
+TASKS  ?= synth_vqa_test,synth_pope_test,textvqa_val_local,mme_local,pope_local
 OUT    ?= runs/demo
 MODEL_ARGS ?= controller=static,tier=medium,budget=1000
 export HF_HUB_OFFLINE := 1
