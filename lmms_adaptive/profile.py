@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .lmms_plugin import DEFAULT_MAX_NEW_TOKENS, generation_config, task_style
 from .plan import KnobSpace, Plan
-from .records import ProfileRow
+from .records import ProfileRow, plan_key
 from .runtime import IMPORTANCE_FILE, AdaptiveMolmoe, GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def sweep(
 ) -> Path:
     """Measure every (sample, plan) not yet in `out`; returns the compacted Parquet file."""
     store = ProfileStore(out)
-    todo = [(s, p) for s in samples for p in plans if (s.task, s.doc_id, _plan_key(p)) not in store.done]
+    todo = [(s, p) for s in samples for p in plans if (s.task, s.doc_id, plan_key(p.to_dict())) not in store.done]
     log.info("profile: %d rows to measure (%d already in %s)", len(todo), len(samples) * len(plans) - len(todo), out)
     if todo:
         rt.warmup([rt.knobs.full_plan(c) for c in sorted({p.max_crops for _, p in todo})])
@@ -295,12 +295,6 @@ def sweep(
         path = store.compact()
         store.close()
     return path
-
-
-def _plan_key(plan: Plan) -> str:
-    from .records import plan_key
-
-    return plan_key(plan.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------------
