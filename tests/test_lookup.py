@@ -13,21 +13,15 @@ from pathlib import Path
 import pytest
 
 from lmms_adaptive import lookup
+from lmms_adaptive.config import MolmoeConfig
 from lmms_adaptive.controllers import ArtifactError, RequestFacts, Stage1, load_controller, read_artifact
 from lmms_adaptive.plan import KnobSpace, Plan
 from lmms_adaptive.records import ProfileRow
 
 FP = "model-under-test"
 # the MolmoE-1B knob space
-KNOBS = KnobSpace(
-    n_layers=16,
-    model_top_k=8,
-    max_crops=12,
-    tiers=(3, 6, 12),
-    top_k_options=(4, 5, 6, 7, 8),
-    insert_positions=(1, 2, 3, 4, 5),
-    min_blocks=12,
-)
+REAL_CONFIG = Path(__file__).resolve().parents[1] / "lmms_adaptive" / "resources" / "molmoe_config.json"
+KNOBS = KnobSpace.from_config(MolmoeConfig.from_dict(json.loads(REAL_CONFIG.read_text())))
 LOW, MID, HIGH = Plan(3, 4, 12), Plan(6, 6, 14), Plan(12, 8, 16)
 NEAR = Plan(12, 8, 14)
 

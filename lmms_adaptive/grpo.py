@@ -1,0 +1,252 @@
+"""GRPO for the two-stage policy: reward, group advantages, the clipped loss, and a generic training loop.
+
+One step (`grpo_step`), for each of several requests: draw a budget log-uniformly from the
+configured range, ask the environment for a request under it, sample a group of G plans from the
+current policy (stage 1, then stage 2 on the hidden state the environment returns for each stage-1
+choice), run each plan, turn (score, latency) into rewards and normalise them within the group. Then
+apply `epochs` clipped policy-gradient updates on all the groups together; finally the policy's input
+statistics take in the step's requests (after the updates, so one step's sampling and losses all see
+the same normalisation). The environment (the real one runs MolmoE and scores with the task's own
+`process_results`) only has to implement `Environment`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from .plan import Plan
+from .policy import PolicyRequest, TwoStagePolicy
+
+
+@dataclass(frozen=True)
+class Penalty:
+    """Reward penalty of a request over its budget: `constant + per_overshoot * (latency / budget - 1)`.
+
+    A constant at least the score range (1 for accuracies) makes every violation worse than any plan that
+    fits, whatever its score: the budget is the hard constraint. The proportional term then ranks
+    violations by relative overshoot, so a group whose plans all miss still learns to miss by less.
+    """
+
+    constant: float = 1.0
+    per_overshoot: float = 1.0
+
+
+def reward(score: float, latency_ms: float, budget_ms: float, penalty: Penalty = Penalty()) -> float:
+    """Score, minus the penalty when the latency exceeds the budget (equal is within budget)."""
+    if latency_ms <= budget_ms:
+        return score
+    return score - penalty.constant - penalty.per_overshoot * (latency_ms / budget_ms - 1.0)
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """(r - mean) / (std + eps) over the last dimension (one group), population std.
+
+    A group whose rewards are all equal carries no preference and gets exactly zero advantages
+    (not rounding noise divided by eps).
+    """
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, correction=0, keepdim=True)
+    same = rewards.amax(dim=-1, keepdim=True) == rewards.amin(dim=-1, keepdim=True)
+    return torch.where(same, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
+
+
+@dataclass(frozen=True)
+class LossStats:
+    pg_loss: float
+    kl: float  # k3 estimate of KL(new || ref); 0 without a reference
+    clip_frac: float  # fraction of samples whose clipped term is active (zero gradient)
+    ratio_mean: float
+
+
+def clipped_pg_loss(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    clip_eps: float,
+    kl_coef: float = 0.0,
+    logp_ref: Tensor | None = None,
+) -> tuple[Tensor, LossStats]:
+    """PPO-style clipped objective averaged over the group, plus `kl_coef` times a KL penalty.
+
+    loss = -mean(min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)) + kl_coef * mean(k3), with
+    ratio = exp(new - old) and k3 = exp(ref - new) - (ref - new) - 1: an unbiased, always non-negative
+    per-sample estimator of KL(new || ref) for samples drawn from the policy (zero where new == ref).
+    """
+    if kl_coef and logp_ref is None:
+        raise ValueError("kl_coef > 0 needs the reference policy's log-probabilities (logp_ref)")
+    ratio = torch.exp(logp_new - logp_old)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    pg_loss = -torch.minimum(unclipped, clipped).mean()
+    kl = torch.zeros((), device=logp_new.device) if logp_ref is None else _k3(logp_new, logp_ref).mean()
+    loss = pg_loss + kl_coef * kl if kl_coef else pg_loss
+    stats = LossStats(
+        pg_loss=pg_loss.item(),
+        kl=kl.item(),
+        clip_frac=(clipped < unclipped).float().mean().item(),
+        ratio_mean=ratio.mean().item(),
+    )
+    return loss, stats
+
+
+def _k3(logp_new: Tensor, logp_ref: Tensor) -> Tensor:
+    log_ratio = logp_ref - logp_new
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 16  # plans sampled per request
+    requests_per_step: int = 16  # groups per update: one request alone gives a very noisy direction
+    lr: float = 2e-3
+    stage1_lr_scale: float = 0.1  # stage-1 head learns this much slower (see `make_optimizer`)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0  # > 0: KL to the policy's weights at the start of training (see `train`)
+    entropy_coef: float = 0.01  # bonus on the policy's entropy: keeps groups diverse (no early collapse)
+    epochs: int = 2  # clipped updates per batch of groups
+    lr_decay: bool = True  # lr falls linearly to 0 over the run (see `train`)
+    max_grad_norm: float = 1.0
+    penalty: Penalty = field(default_factory=Penalty)
+    budget_range_ms: tuple[float, float] = (100.0, 400.0)  # budgets drawn log-uniformly from it
+    seed: int = 0
+
+
+R = TypeVar("R", bound=PolicyRequest)
+
+
+class Environment(Protocol[R]):
+    """Where plans are tried. `sample_request` picks a training request under the given budget (its
+    `stage2_hidden` gives the latency token's hidden state at block p); `run` executes one plan on it
+    and returns (score, latency in ms)."""
+
+    def sample_request(self, rng: torch.Generator, budget_ms: float) -> R: ...
+
+    def run(self, request: R, plan: Plan) -> tuple[float, float]: ...
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Means over the step's sampled plans (all groups)."""
+
+    reward_mean: float
+    score_mean: float
+    latency_mean_ms: float
+    violation_rate: float
+    entropy: float  # of the policy on the sampled plans, before the update
+    updated: bool  # False when no group carried signal (all rewards equal in each, no KL or entropy term)
+    loss: LossStats | None  # of the last epoch
+
+
+def sample_budget(budget_range_ms: tuple[float, float], rng: torch.Generator) -> float:
+    low, high = budget_range_ms
+    u = torch.rand((), generator=rng, dtype=torch.float64).item()
+    return math.exp(math.log(low) + u * (math.log(high) - math.log(low)))
+
+
+def make_optimizer(policy: TwoStagePolicy, cfg: GRPOConfig) -> torch.optim.Adam:
+    """Adam with the stage-1 head at `cfg.lr * cfg.stage1_lr_scale`, everything else at `cfg.lr`.
+
+    A stage-1 choice is judged by the plans stage 2 completes it with. While stage 2 is still poor for
+    a tier (the high tier fits a budget only with the right top-k and block count), that tier looks worse
+    than it is; a stage 1 as fast as stage 2 abandons it before stage 2 has learned to use it.
+    """
+    stage1 = list(policy.stage1.parameters())
+    ids = {id(p) for p in stage1}
+    rest = [p for p in policy.parameters() if id(p) not in ids]
+    groups = [{"params": stage1, "lr": cfg.lr * cfg.stage1_lr_scale}, {"params": rest, "lr": cfg.lr}]
+    return torch.optim.Adam(groups, lr=cfg.lr, foreach=True)
+
+
+def grpo_step(
+    policy: TwoStagePolicy,
+    optimizer: torch.optim.Optimizer,
+    env: Environment,
+    cfg: GRPOConfig,
+    rng: torch.Generator,
+    reference: TwoStagePolicy | None = None,
+) -> StepStats:
+    """`cfg.requests_per_step` requests, a group of `cfg.group_size` plans each (advantages normalised
+    within each group), then `cfg.epochs` clipped updates on all of them together.
+
+    Without a KL or entropy term a batch whose groups all have equal rewards is skipped rather than
+    stepped: its gradient is zero, and an Adam step would only replay momentum from earlier batches.
+    """
+    if cfg.kl_coef and reference is None:
+        raise ValueError("cfg.kl_coef > 0 needs a reference policy")
+    n = cfg.group_size
+    requests = [env.sample_request(rng, sample_budget(cfg.budget_range_ms, rng)) for _ in range(cfg.requests_per_step)]
+    rollouts = policy.sample_groups(requests, n, rng)
+    results = [[env.run(r, plan) for plan in ro.plans] for r, ro in zip(requests, rollouts)]
+    rewards = torch.tensor(
+        [[reward(s, lat, r.budget_ms, cfg.penalty) for s, lat in group] for r, group in zip(requests, results)]
+    )
+    budget, question, features = (torch.cat(parts) for parts in zip(*(policy.request_batch(r, n) for r in requests)))
+    hidden, logp_old, entropy = (
+        torch.cat(parts) for parts in zip(*((ro.hidden, ro.log_prob, ro.entropy) for ro in rollouts))
+    )
+    inputs = ([plan for ro in rollouts for plan in ro.plans], budget, question, features, hidden)
+    advantages = group_advantages(rewards).flatten().to(logp_old.device)
+    with torch.no_grad():
+        logp_ref = reference.log_prob(*inputs) if reference is not None else None
+    updated = bool(advantages.any()) or cfg.kl_coef > 0 or cfg.entropy_coef > 0
+    stats = None
+    for _ in range(cfg.epochs if updated else 0):
+        logp_new, entropy_new = policy.evaluate(*inputs)
+        loss, stats = clipped_pg_loss(logp_new, logp_old, advantages, cfg.clip_eps, cfg.kl_coef, logp_ref)
+        loss = loss - cfg.entropy_coef * entropy_new.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+    for model in (policy, reference) if reference is not None else (policy,):
+        model.observe(question[::n], features[::n], hidden)
+    runs = [(s, lat, r.budget_ms) for r, group in zip(requests, results) for s, lat in group]
+    return StepStats(
+        reward_mean=rewards.mean().item(),
+        score_mean=sum(s for s, _, _ in runs) / len(runs),
+        latency_mean_ms=sum(lat for _, lat, _ in runs) / len(runs),
+        violation_rate=sum(lat > b for _, lat, b in runs) / len(runs),
+        entropy=entropy.mean().item(),
+        updated=updated,
+        loss=stats,
+    )
+
+
+def train(
+    policy: TwoStagePolicy,
+    env: Environment,
+    cfg: GRPOConfig,
+    steps: int,
+    on_step: Callable[[int, StepStats], None] | None = None,
+) -> list[StepStats]:
+    """`steps` GRPO steps, seeded by `cfg.seed` (the policy's initial weights are the caller's).
+
+    With `cfg.lr_decay` the learning rates fall linearly to 0 at the last step: the greedy plan is the
+    policy's mode, which flips across budget boundaries for as long as the policy keeps moving. With
+    `cfg.kl_coef` the reference is a frozen copy of the starting weights; its input statistics take in
+    the same requests as the policy's, so the KL term measures the weights' drift only.
+    """
+    if tuple(policy.budget_range_ms) != tuple(map(float, cfg.budget_range_ms)):
+        raise ValueError(
+            f"the policy's budget range {policy.budget_range_ms} must be the training range {cfg.budget_range_ms}"
+        )
+    rng = torch.Generator().manual_seed(cfg.seed)
+    optimizer = make_optimizer(policy, cfg)
+    decay = (lambda step: 1.0 - step / steps) if cfg.lr_decay else (lambda step: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_coef else None
+    history = []
+    for step in range(steps):
+        stats = grpo_step(policy, optimizer, env, cfg, rng, reference)
+        schedule.step()
+        history.append(stats)
+        if on_step is not None:
+            on_step(step, stats)
+    return history
