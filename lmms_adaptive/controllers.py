@@ -4,10 +4,11 @@ The interface has the two decision points of the design:
 - `stage1(facts)`, before the vision encoder: sees the budget, the question and cheap request facts
   (exact prompt tokens per tier for this image, max_new_tokens) and returns a `Stage1` decision:
   the vision tier and the insertion position, plus the whole plan if it decides everything now;
-- `stage2(facts, first, hidden)`, at block `insert_pos`: sees the hidden state there and returns the
-  complete plan (top-k and active blocks). Only two-stage controllers implement it.
+- `stage2(facts, first, hidden)`, at block `insert_pos`: sees the latency token's hidden state there
+  and returns the complete plan (top-k and active blocks). Only two-stage controllers implement it; their
+  stage 1 returns the latency-token embedding for the runtime to insert (see `plan.DeferredPlan`).
 
-`static` decides everything at stage 1. Controller artifacts are self-describing JSON files
+`static` and `lookup` decide everything at stage 1, `grpo` (`policy.GRPOController`) uses both. Controller artifacts are self-describing JSON files
 (`kind`, `model_fingerprint`, `knob_space`, ...) and refuse to load for another model.
 """
 
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from .plan import KnobSpace, Plan
+from .plan import DeferredPlan, KnobSpace, Plan
 
 BUILTIN_CONTROLLERS = ("static", "lookup", "grpo")
 
@@ -45,6 +48,7 @@ class Stage1:
     max_crops: int
     insert_pos: int
     plan: Plan | None = None  # set when the controller decides everything before the vision encoder
+    latency_token: Tensor | None = None  # [d_model] embedding when stage 2 decides the rest
 
 
 class Controller(ABC):
@@ -75,6 +79,16 @@ class StaticController(Controller):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "plan": self.plan.to_dict()}
+
+
+def stage1_decision(controller: Controller, facts: RequestFacts) -> Plan | DeferredPlan:
+    """What the runtime executes for a request: the whole plan, or a DeferredPlan whose stage 2 runs at block p."""
+    first = controller.stage1(facts)
+    if first.plan is not None:
+        return first.plan
+    if first.latency_token is None:
+        raise RuntimeError(f"controller {controller.kind!r} gave neither a plan nor a latency token at stage 1")
+    return DeferredPlan(first.max_crops, first.insert_pos, first.latency_token, partial(controller.stage2, facts, first))
 
 
 class ArtifactError(ValueError):
@@ -130,7 +144,11 @@ def static_artifact(plan: Plan, model_fingerprint: str, knobs: KnobSpace) -> dic
     return {"kind": "static", "model_fingerprint": model_fingerprint, "knob_space": knob_space_json(knobs), "plan": plan.to_dict()}
 
 
-def load_controller(artifact: dict[str, Any], knobs: KnobSpace) -> Controller:
+def load_controller(
+    artifact: dict[str, Any], knobs: KnobSpace, question_summary: Callable[[str], Tensor] | None = None
+) -> Controller:
+    """The controller of a (checked) artifact. `question_summary` (the model's question -> mean token
+    embedding) is what a grpo policy's stage 1 reads."""
     kind = artifact["kind"]
     if kind == "static":
         return StaticController(Plan(**artifact["plan"]), knobs)
@@ -138,4 +156,10 @@ def load_controller(artifact: dict[str, Any], knobs: KnobSpace) -> Controller:
         from .lookup import lookup_from_artifact  # lazy: lookup imports this module
 
         return lookup_from_artifact(artifact, knobs)
-    raise ArtifactError(f"controller artifact of kind {kind!r} is not supported by this version (known: static, lookup)")
+    if kind == "grpo":
+        from .policy import GRPOController, TwoStagePolicy  # lazy: policy imports this module
+
+        if question_summary is None:
+            raise ValueError("a grpo controller needs the model's question_summary")
+        return GRPOController(TwoStagePolicy.from_artifact(artifact, knobs), question_summary)
+    raise ArtifactError(f"controller artifact of kind {kind!r} is not supported by this version (known: {', '.join(BUILTIN_CONTROLLERS)})")

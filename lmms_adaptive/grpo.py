@@ -16,7 +16,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -219,6 +219,59 @@ def grpo_step(
     )
 
 
+class GRPORun:
+    """A resumable GRPO run of `steps` steps: the policy, its optimizer and linearly decaying lr (with
+    `cfg.lr_decay`), the frozen reference for the KL term (with `cfg.kl_coef`), the rng and the step.
+
+    The greedy plan is the policy's mode, which flips across budget boundaries for as long as the policy
+    keeps moving: the decay to 0 at the last step settles it. The reference is a frozen copy of the
+    starting weights; its input statistics take in the same requests as the policy's, so the KL term
+    measures the weights' drift only. `state_dict` / `load_state_dict` carry all of it across restarts.
+    """
+
+    def __init__(self, policy: TwoStagePolicy, env: Environment, cfg: GRPOConfig, steps: int) -> None:
+        if tuple(policy.budget_range_ms) != tuple(map(float, cfg.budget_range_ms)):
+            raise ValueError(
+                f"the policy's budget range {policy.budget_range_ms} must be the training range {cfg.budget_range_ms}"
+            )
+        self.policy, self.env, self.cfg, self.steps = policy, env, cfg, steps
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.optimizer = make_optimizer(policy, cfg)
+        decay = (lambda step: 1.0 - step / steps) if cfg.lr_decay else (lambda step: 1.0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_coef else None
+        self.step = 0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+    def advance(self) -> StepStats:
+        stats = grpo_step(self.policy, self.optimizer, self.env, self.cfg, self.rng, self.reference)
+        self.schedule.step()
+        self.step += 1
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "reference": None if self.reference is None else self.reference.state_dict(),
+            "rng": self.rng.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.rng.set_state(state["rng"])
+        self.step = int(state["step"])
+
+
 def train(
     policy: TwoStagePolicy,
     env: Environment,
@@ -226,27 +279,12 @@ def train(
     steps: int,
     on_step: Callable[[int, StepStats], None] | None = None,
 ) -> list[StepStats]:
-    """`steps` GRPO steps, seeded by `cfg.seed` (the policy's initial weights are the caller's).
-
-    With `cfg.lr_decay` the learning rates fall linearly to 0 at the last step: the greedy plan is the
-    policy's mode, which flips across budget boundaries for as long as the policy keeps moving. With
-    `cfg.kl_coef` the reference is a frozen copy of the starting weights; its input statistics take in
-    the same requests as the policy's, so the KL term measures the weights' drift only.
-    """
-    if tuple(policy.budget_range_ms) != tuple(map(float, cfg.budget_range_ms)):
-        raise ValueError(
-            f"the policy's budget range {policy.budget_range_ms} must be the training range {cfg.budget_range_ms}"
-        )
-    rng = torch.Generator().manual_seed(cfg.seed)
-    optimizer = make_optimizer(policy, cfg)
-    decay = (lambda step: 1.0 - step / steps) if cfg.lr_decay else (lambda step: 1.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_coef else None
+    """`steps` GRPO steps in one go (see `GRPORun`), seeded by `cfg.seed`; the initial weights are the caller's."""
+    run = GRPORun(policy, env, cfg, steps)
     history = []
-    for step in range(steps):
-        stats = grpo_step(policy, optimizer, env, cfg, rng, reference)
-        schedule.step()
+    while not run.done:
+        stats = run.advance()
         history.append(stats)
         if on_step is not None:
-            on_step(step, stats)
+            on_step(run.step - 1, stats)
     return history

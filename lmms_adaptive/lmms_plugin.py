@@ -33,11 +33,11 @@ from .controllers import (
     find_artifact,
     load_controller,
     read_artifact,
+    stage1_decision,
 )
-from .plan import TIER_NAMES, Plan
-from .processor import crop_count, image_token_count, to_rgb_array
+from .plan import TIER_NAMES, DeferredPlan, Plan
 from .records import RecordWriter, RequestRecord, summarize, summarize_by_task
-from .runtime import AdaptiveMolmoe, GenerationConfig
+from .runtime import AdaptiveMolmoe, Generation, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,10 @@ class AdaptiveMolmoeLMM(lmms):
             path = Path(str(name))
         if not path.is_file():
             raise ModelArgError(f"controller must be one of {', '.join(BUILTIN_CONTROLLERS)} or a controller artifact file, got {name!r}")
-        return load_controller(read_artifact(path, self.rt.model_id, knobs), knobs)
+        controller = load_controller(read_artifact(path, self.rt.model_id, knobs), knobs, self.rt.question_summary)
+        if controller.kind == "grpo" and self.budget is None:
+            raise ModelArgError(f"controller={name!r} (grpo) decides per budget: give budget=<ms per request>")
+        return controller
 
     # -- records ----------------------------------------------------------------------------------
 
@@ -195,22 +198,11 @@ class AdaptiveMolmoeLMM(lmms):
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def _facts(self, question: str, images: list[Any], task: str, max_new_tokens: int) -> RequestFacts:
-        sizes = tuple(image_size(im) for im in images)
-        text_tokens = len(self.rt.processor.encode_text(question)) + 1
-        per_tier = {
-            crops: text_tokens + sum(image_token_count(h, w, crops, self.rt.processor.vision) for h, w in sizes)
-            for crops in self.rt.knobs.tiers
-        }
-        crops = {c: sum(crop_count(h, w, c, self.rt.processor.vision) for h, w in sizes) for c in self.rt.knobs.tiers}
-        return RequestFacts(self.budget, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task)
-
-    def _plan(self, facts: RequestFacts) -> tuple[Plan, float]:
+    def _decide(self, facts: RequestFacts) -> tuple[Plan | DeferredPlan, float]:
+        """The controller's stage-1 decision and the ms it took."""
         start = time.perf_counter()
-        first = self.controller.stage1(facts)
-        if first.plan is None:
-            raise RuntimeError(f"controller {self.controller.kind!r} left the plan to stage 2, which this runtime does not execute")
-        return first.plan, (time.perf_counter() - start) * 1000.0
+        decision = stage1_decision(self.controller, facts)
+        return decision, (time.perf_counter() - start) * 1000.0
 
     def _doc_and_images(self, doc_to_visual: Callable, doc_id: int, task: str, split: str) -> tuple[Any, list[Any]]:
         doc = self.task_dict[task][split][doc_id]
@@ -225,11 +217,11 @@ class AdaptiveMolmoeLMM(lmms):
             _, images = self._doc_and_images(doc_to_visual, doc_id, task, split)
             gen = generation_config(gen_kwargs, self.max_new_tokens)
             start = time.perf_counter()
-            facts = self._facts(context, images, task, gen.max_new_tokens)
-            plan, controller_ms = self._plan(facts)
-            out = self.rt.generate(context, images, plan, gen, style=task_style(task, self.style))
+            facts = self.rt.request_facts(context, images, self.budget, gen.max_new_tokens, task)
+            decision, stage1_ms = self._decide(facts)
+            out = self.rt.generate(context, images, decision, gen, style=task_style(task, self.style))
             total_ms = (time.perf_counter() - start) * 1000.0
-            self._record(request, self._make_record(request, "generate_until", plan, controller_ms, total_ms, out))
+            self._record(request, self._make_record(request, "generate_until", stage1_ms, total_ms, out))
             answers.append(out.text)
         self._report(self._records[records_before:])
         return answers
@@ -243,15 +235,18 @@ class AdaptiveMolmoeLMM(lmms):
                 continuation = continuation(doc)
             if isinstance(continuation, list):
                 continuation = continuation[0]
-            plan, _ = self._plan(self._facts(context, images, task, 0))
-            prepared = self.rt.processor(context, images, max_crops=plan.max_crops, style=task_style(task, self.style))
-            results.append(self.rt.score(prepared, self.rt.processor.encode_text(str(continuation)), plan))
+            decision, _ = self._decide(self.rt.request_facts(context, images, self.budget, 0, task))
+            prepared = self.rt.processor(context, images, max_crops=decision.max_crops, style=task_style(task, self.style))
+            if isinstance(decision, DeferredPlan):
+                hidden = self.rt.latency_hidden(prepared, decision.insert_pos, decision.latency_token, decision.renormalize)
+                decision = decision.complete(hidden)
+            results.append(self.rt.score(prepared, self.rt.processor.encode_text(str(continuation)), decision))
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("adaptive_molmoe does not support multi-round generation (generate_until_multi_round)")
 
-    def _make_record(self, request: Instance, kind: str, plan: Plan, controller_ms: float, total_ms: float, out) -> RequestRecord:
+    def _make_record(self, request: Instance, kind: str, stage1_ms: float, total_ms: float, out: Generation) -> RequestRecord:
         _, _, _, doc_id, task, split = request.args
         t = out.timings
         return RequestRecord(
@@ -261,16 +256,17 @@ class AdaptiveMolmoeLMM(lmms):
             request_type=kind,
             controller=self.controller.describe(),
             budget_ms=self.budget,
-            plan=plan.to_dict(),
+            plan=out.plan.to_dict(),
             n_prompt_tokens=out.n_prompt_tokens,
             n_image_tokens=out.n_image_tokens,
             n_crops=out.n_crops,
             n_output_tokens=len(out.token_ids),
-            controller_ms=controller_ms,
+            controller_ms=stage1_ms + t.stage2_ms,
             preprocess_ms=t.preprocess_ms,
             vision_ms=t.vision_ms,
             prefill_ms=t.prefill_ms,
             decode_ms=t.decode_ms,
+            probe_ms=t.probe_ms,
             total_ms=total_ms,
             violated=None if self.budget is None else total_ms > self.budget,
             stop_reason=out.stop_reason,
@@ -293,13 +289,6 @@ def generation_config(gen_kwargs: dict[str, Any], default_max_new_tokens: int) -
         top_p=float(gen_kwargs.get("top_p") or 1.0) if do_sample else 1.0,
         stop=tuple(until),
     )
-
-
-def image_size(image: Any) -> tuple[int, int]:
-    """(height, width) without decoding pixels for PIL images."""
-    if hasattr(image, "size") and hasattr(image, "mode"):
-        return image.height, image.width
-    return to_rgb_array(image).shape[:2]
 
 
 def _positive_int(name: str, value: Any) -> int:

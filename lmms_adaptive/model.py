@@ -12,7 +12,7 @@ A block that is not in the schedule runs neither at prefill nor at decode and ge
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -198,19 +198,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for the active blocks of one request; skipped blocks have none."""
+    """Keys/values of one request, preallocated to `max_len` per block on the block's first write: blocks a
+    plan skips get none, and a plan decided at block p (stage 2) needs no block list up front."""
 
-    def __init__(self, blocks: tuple[int, ...], batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor):
-        shape = (batch, n_heads, max_len, head_dim)
-        self.k = {i: torch.zeros(shape, dtype=like.dtype, device=like.device) for i in blocks}
-        self.v = {i: torch.zeros(shape, dtype=like.dtype, device=like.device) for i in blocks}
-        self.length = 0
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor):
+        self.shape = (batch, n_heads, max_len, head_dim)
+        self.dtype, self.device = like.dtype, like.device
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+        self.length = 0  # positions held for every block that has run (the next token's position)
         self.max_len = max_len
 
     def update(self, block: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end."""
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        if block not in self.k:
+            self.k[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.v[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.k[block][:, :, start:end] = k
         self.v[block][:, :, start:end] = v
         return self.k[block][:, :, :end], self.v[block][:, :, :end]
@@ -227,14 +233,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.layer_norm_eps)
         self.attn_out = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None, block: int) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None, start: int, block: int
+    ) -> Tensor:
+        """With a cache, the chunk's keys/values are written at positions `start`.. and it attends to all before."""
         q, k, v = self.att_proj(self.attn_norm(x)).chunk(3, dim=-1)
         q, k = self.q_norm(q), self.k_norm(k)  # QK-norm over the full width, before the head split
         q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        start = 0
         if cache is not None:
-            start = cache.length
             k, v = cache.update(block, start, k, v)
         if mask is None and start > 0 and q.shape[2] > 1:  # a chunk after cached tokens: offset causal mask
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=start)
@@ -337,8 +344,8 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MoE(config)
 
-    def forward(self, x, rope, mask, cache, block: int, top_k: int, renormalize: bool) -> Tensor:
-        x = x + self.attn(x, rope, mask, cache, block)
+    def forward(self, x, rope, mask, cache, start: int, block: int, top_k: int, renormalize: bool) -> Tensor:
+        x = x + self.attn(x, rope, mask, cache, start, block)
         return x + self.mlp(x, top_k, renormalize)
 
 
@@ -418,9 +425,12 @@ class MolmoeForCausalLM(nn.Module):
             x = x.index_put((rows[valid], idx[valid]), feats[valid], accumulate=True)
         return x
 
-    def new_cache(self, schedule: LayerSchedule, max_len: int, batch: int = 1) -> KVCache:
+    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         c = self.config
-        return KVCache(schedule.blocks, batch, c.n_heads, max_len, c.head_dim, self.lm_head.weight)
+        return KVCache(batch, c.n_heads, max_len, c.head_dim, self.lm_head.weight)
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
 
     def decode_layers(
         self,
@@ -432,24 +442,45 @@ class MolmoeForCausalLM(nn.Module):
         on_block: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """Run the scheduled blocks over x [B, T, D] at `positions` [B, T]; returns the final-normed hidden.
+        With a cache the chunk goes after the cached positions, and the cache then holds it too.
 
         `attention_mask` [B, T] (True = real token) is only needed for padded batches without a cache.
         `on_block(index, block_input, block_output)` observes each block (importance analysis).
         """
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
         mask = None
         if attention_mask is not None:
             t = x.shape[1]
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             mask = (causal[None] & attention_mask[:, None, :])[:, None]
-        blocks = self.model.transformer.blocks
-        for index, top_k in schedule.layers:
-            x_in = x
-            x = blocks[index](x, rope, mask, cache, index, top_k, schedule.renormalize)
-            if on_block is not None:
-                on_block(index, x_in, x)
+        start = cache.length if cache is not None else 0
+        x = self.run_blocks(x, self.rope(positions), schedule.layers, schedule.renormalize, cache, start, mask, on_block)
         if cache is not None:
             cache.length += x.shape[1]
+        return self.final_norm(x)
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        layers: Sequence[tuple[int, int]],
+        renormalize: bool,
+        cache: KVCache | None = None,
+        start: int = 0,
+        mask: Tensor | None = None,
+        on_block: Callable[[int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """(block index, top-k) `layers` in order over x, without the final norm; cache writes at `start`.
+        `cache.length` is the caller's to advance: a prefill split at block p runs this twice over the same
+        positions (see `runtime.AdaptiveMolmoe.run`)."""
+        blocks = self.model.transformer.blocks
+        for index, top_k in layers:
+            x_in = x
+            x = blocks[index](x, rope, mask, cache, start, index, top_k, renormalize)
+            if on_block is not None:
+                on_block(index, x_in, x)
+        return x
+
+    def final_norm(self, x: Tensor) -> Tensor:
         return self.model.transformer.ln_f(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

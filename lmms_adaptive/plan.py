@@ -13,8 +13,10 @@ Knob semantics (MolmoE-1B values, derived from the config for other sizes):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+
+from torch import Tensor
 
 from .config import MolmoeConfig
 from .model import LayerSchedule
@@ -32,6 +34,31 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class DeferredPlan:
+    """Stage 1's decision, with top-k and active blocks left to stage 2 at block `insert_pos`.
+
+    The runtime appends `latency_token` (an embedding [d_model]) after the prompt for the first
+    `insert_pos` blocks and calls `stage2` with its hidden state there; the plan it returns must keep
+    this tier, insertion position and renormalisation."""
+
+    max_crops: int
+    insert_pos: int
+    latency_token: Tensor
+    stage2: Callable[[Tensor], Plan]
+    renormalize: bool = False
+
+    def complete(self, hidden: Tensor) -> Plan:
+        plan = self.stage2(hidden)
+        decided = (plan.max_crops, plan.insert_pos, plan.renormalize)
+        if decided != (self.max_crops, self.insert_pos, self.renormalize):
+            raise ValueError(
+                f"stage 2 returned {plan}, which changes the stage-1 choices "
+                f"(max_crops {self.max_crops}, insert_pos {self.insert_pos}, renormalize {self.renormalize})"
+            )
+        return plan
 
 
 @dataclass(frozen=True)
@@ -98,6 +125,12 @@ class KnobSpace:
             raise ValueError(
                 f"plan.n_blocks must be in {options.start}..{options.stop - 1} for insert_pos {plan.insert_pos}, got {plan.n_blocks}"
             )
+
+    def head_layers(self, insert_pos: int) -> tuple[tuple[int, int], ...]:
+        """What every plan with insertion position p runs first: blocks 0..p-1 at the model's own top-k."""
+        if insert_pos not in self.insert_positions:
+            raise ValueError(f"insert_pos must be one of {list(self.insert_positions)}, got {insert_pos}")
+        return tuple((i, self.model_top_k) for i in range(insert_pos))
 
     def default_drop_order(self) -> tuple[int, ...]:
         """Without a measured importance ranking: drop the deepest blocks first, but never the last one."""

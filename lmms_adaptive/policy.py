@@ -42,7 +42,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from .controllers import ArtifactError, RequestFacts, knob_space_json
+from .controllers import ArtifactError, Controller, RequestFacts, Stage1, knob_space_json
 from .plan import KnobSpace, Plan
 
 log = logging.getLogger(__name__)
@@ -396,11 +396,38 @@ class TwoStagePolicy(nn.Module):
         self, requests: Sequence[PolicyRequest], n: int, generator: torch.Generator | None = None
     ) -> list[Rollout]:
         """n plans for each request, all requests in one batch (no gradients)."""
-        return self._decide(requests, n, lambda dist: dist.sample(generator))
+        return self._sample(requests, n, generator)
 
     def greedy(self, request: PolicyRequest) -> Plan:
         """The most likely stage-1 pair, then the most likely stage-2 pair given it."""
-        return self._decide([request], 1, KnobPair.mode)[0].plans[0]
+        max_crops, insert_pos, token = self.greedy_stage1(request.budget_ms, request.question, request.features)
+        hidden = request.stage2_hidden(max_crops, insert_pos, token)
+        return self.greedy_stage2(request.budget_ms, hidden, request.features, max_crops, insert_pos)
+
+    @torch.no_grad()
+    def greedy_stage1(self, budget_ms: float, question: Tensor, features: Tensor) -> tuple[int, int, Tensor]:
+        """(max_crops, insert_pos, latency-token embedding [d_model]) of the most likely stage-1 pair for one
+        request (question [d_model] and features [n_features] unbatched)."""
+        device = self.question_norm.mean.device
+        question, features = (x.to(device, torch.float32)[None] for x in (question, features))
+        token = self.latency_token(torch.tensor([float(budget_ms)], device=device))
+        tier_idx, pos_idx = self._stage1(token, question, features).mode()
+        return self.knobs.tiers[int(tier_idx)], self.knobs.insert_positions[int(pos_idx)], token[0]
+
+    @torch.no_grad()
+    def greedy_stage2(self, budget_ms: float, hidden: Tensor, features: Tensor, max_crops: int, insert_pos: int) -> Plan:
+        """The most likely (top-k, active blocks) given the latency token's hidden state [d_model] at block p."""
+        device = self.question_norm.mean.device
+        budget = torch.tensor([float(budget_ms)], device=device)
+        dist = self.stage2_dist(
+            budget,
+            hidden.to(device, torch.float32)[None],
+            features.to(device, torch.float32)[None],
+            torch.tensor([max_crops], device=device),
+            torch.tensor([insert_pos], device=device),
+        )
+        k_idx, b_idx = dist.mode()
+        return Plan(max_crops, self.knobs.top_k_options[int(k_idx)], self.block_choices[int(b_idx)], insert_pos)
 
     def request_batch(self, request: PolicyRequest, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """(budget_ms [n], question [n, d], features [n, F]) of one request repeated n times."""
@@ -417,15 +444,15 @@ class TwoStagePolicy(nn.Module):
         return KnobPair.from_logits(self.stage2(token, hidden, features, tier_idx, pos_idx))
 
     @torch.no_grad()
-    def _decide(
-        self, requests: Sequence[PolicyRequest], n: int, pick: Callable[[KnobPair], tuple[Tensor, Tensor]]
+    def _sample(
+        self, requests: Sequence[PolicyRequest], n: int, generator: torch.Generator | None
     ) -> list[Rollout]:
         budget_ms, question, features = (
             torch.cat(parts) for parts in zip(*(self.request_batch(r, n) for r in requests))
         )
         token = self.latency_token(budget_ms)
         s1 = self._stage1(token, question, features)
-        tier_idx, pos_idx = pick(s1)
+        tier_idx, pos_idx = s1.sample(generator)
         chosen = list(zip(tier_idx.tolist(), pos_idx.tolist()))
         rows = []
         for i, request in enumerate(requests):
@@ -437,7 +464,7 @@ class TwoStagePolicy(nn.Module):
                 rows.append(states[(t, p)])
         hidden = torch.stack(rows)
         s2 = self._stage2(token, hidden, features, tier_idx, pos_idx)
-        k_idx, b_idx = pick(s2)
+        k_idx, b_idx = s2.sample(generator)
         log_prob = s1.log_prob(tier_idx, pos_idx) + s2.log_prob(k_idx, b_idx)
         entropy = s1.entropy() + s2.entropy()
         plans = [
@@ -521,3 +548,36 @@ def _indices(options: Sequence[int], values: Tensor) -> tuple[Tensor, Tensor]:
     table = torch.tensor(options, device=values.device)
     match = values[..., None] == table
     return match.int().argmax(dim=-1), match.any(dim=-1)
+
+
+class GRPOController(Controller):
+    """The learned two-stage controller at inference: the policy's most likely choices.
+
+    Stage 1 reads the budget, the question (mean token embedding, `question_summary`) and the request
+    facts, and returns the tier, the insertion position and the latency-token embedding; the runtime
+    inserts that token and calls stage 2 with its hidden state at block p for top-k and active blocks.
+    """
+
+    kind = "grpo"
+
+    def __init__(self, policy: TwoStagePolicy, question_summary: Callable[[str], Tensor]) -> None:
+        self.policy = policy.eval()
+        self.question_summary = question_summary
+
+    def stage1(self, facts: RequestFacts) -> Stage1:
+        budget = self._budget(facts)
+        features = request_features(facts, self.policy.knobs)
+        max_crops, insert_pos, token = self.policy.greedy_stage1(budget, self.question_summary(facts.question), features)
+        return Stage1(max_crops, insert_pos, latency_token=token)
+
+    def stage2(self, facts: RequestFacts, first: Stage1, hidden: Tensor) -> Plan:
+        features = request_features(facts, self.policy.knobs)
+        return self.policy.greedy_stage2(self._budget(facts), hidden, features, first.max_crops, first.insert_pos)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "budget_range_ms": list(self.policy.budget_range_ms)}
+
+    def _budget(self, facts: RequestFacts) -> float:
+        if facts.budget_ms is None:
+            raise ValueError("the grpo controller needs a latency budget per request (model_args budget=<ms>)")
+        return facts.budget_ms

@@ -39,6 +39,7 @@ class RequestRecord:
     stop_reason: str
     model_fingerprint: str
     device: str
+    probe_ms: float = 0.0  # the latency token's pass to block p (two-stage controllers; inside prefill_ms)
     version: int = RECORD_VERSION
 
     def to_json(self) -> str:

@@ -3,6 +3,10 @@
     rt = AdaptiveMolmoe.from_pretrained("/ckpt/MolmoE-1B-0924")        # or None: the built-in tiny model
     out = rt.generate("What is written?", [image], Plan(max_crops=6, top_k=6, n_blocks=14), style="text_vqa")
     out.text, out.token_ids, out.first_logits, out.timings.total_ms
+
+A `DeferredPlan` (a two-stage controller's stage-1 decision) is completed during the prefill: blocks
+0..p-1 run over the prompt, the latency token runs through them as a probe, its hidden state there
+decides top-k and active blocks, and the prefill continues with the rest of the plan.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import torch
 from torch import Tensor
 
 from .checkpoint import fingerprint, load_model
-from .model import LayerSchedule, MolmoeForCausalLM
-from .plan import KnobSpace, Plan
-from .processor import MolmoeProcessor, ProcessedRequest
+from .model import KVCache, LayerSchedule, MolmoeForCausalLM
+from .plan import DeferredPlan, KnobSpace, Plan
+from .policy import question_summary
+from .controllers import RequestFacts
+from .processor import MolmoeProcessor, ProcessedRequest, crop_count, image_token_count, to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,9 @@ class Timings:
 
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
-    prefill_ms: float = 0.0
+    prefill_ms: float = 0.0  # includes the latency-token probe and the stage-2 decision of a DeferredPlan
+    probe_ms: float = 0.0  # the latency token's pass through blocks 0..p-1 (DeferredPlan only)
+    stage2_ms: float = 0.0  # the controller's stage-2 decision (DeferredPlan only)
     decode_ms: list[float] = field(default_factory=list)  # one entry per decode forward, in order
     total_ms: float = 0.0
 
@@ -64,6 +72,8 @@ class Timings:
             "preprocess_ms": self.preprocess_ms,
             "vision_ms": self.vision_ms,
             "prefill_ms": self.prefill_ms,
+            "probe_ms": self.probe_ms,
+            "stage2_ms": self.stage2_ms,
             "decode_ms": list(self.decode_ms),
             "decode_total_ms": self.decode_total_ms,
             "total_ms": self.total_ms,
@@ -76,7 +86,7 @@ class Generation:
     token_ids: list[int]
     first_logits: Tensor  # [vocab] float32 on the CPU: the logits that chose the first token
     timings: Timings
-    plan: Plan
+    plan: Plan  # as executed (a DeferredPlan's completion)
     n_prompt_tokens: int
     n_image_tokens: int
     n_crops: int
@@ -160,7 +170,7 @@ class AdaptiveMolmoe:
         self,
         question: str,
         images: Sequence[Any] | Any | None = None,
-        plan: Plan | None = None,
+        plan: Plan | DeferredPlan | None = None,
         gen: GenerationConfig | None = None,
         style: str | None = None,
     ) -> Generation:
@@ -184,27 +194,74 @@ class AdaptiveMolmoe:
         )
         return features, torch.as_tensor(request.image_input_idx, device=dev)
 
+    def _embed_prompt(self, request: ProcessedRequest) -> Tensor:
+        """Vision stage + token embeddings of the prompt with the image features added: [1, n_prompt, D]."""
+        ids = torch.as_tensor(request.input_ids, device=self.device)[None]
+        features, idx = self.vision(request)
+        return self.model.embed(ids, features, idx)
+
+    def _run_head(self, x: Tensor, insert_pos: int, renormalize: bool, cache: KVCache) -> Tensor:
+        """Blocks 0..p-1 (every plan with this insertion position runs them) over the prompt x [1, n, D]."""
+        head = self.knobs.head_layers(insert_pos)
+        rope = self.model.rope(torch.arange(x.shape[1], device=self.device)[None])
+        return self.model.run_blocks(x, rope, head, renormalize, cache)
+
+    def _probe(self, latency_token: Tensor, insert_pos: int, renormalize: bool, cache: KVCache, n_prompt: int) -> Tensor:
+        """The latency token alone through blocks 0..p-1 at position n_prompt, after `_run_head` filled their
+        cache: it attends to the prompt and nothing attends to it (the prompt is done, and the first decode
+        step, at the same position, overwrites its cache slot). Its hidden state there, [d_model] float32."""
+        head = self.knobs.head_layers(insert_pos)
+        token = latency_token.to(self.device, self.model.lm_head.weight.dtype).reshape(1, 1, -1)
+        rope = self.model.rope(torch.tensor([[n_prompt]], device=self.device))
+        return self.model.run_blocks(token, rope, head, renormalize, cache, start=n_prompt)[0, 0].float()
+
+    @torch.inference_mode()
+    def latency_hidden(
+        self, request: ProcessedRequest, insert_pos: int, latency_token: Tensor, renormalize: bool = False
+    ) -> Tensor:
+        """What stage 2 sees for this request and stage-1 decision, without generating (GRPO training)."""
+        x = self._embed_prompt(request)
+        cache = self.model.new_cache(x.shape[1] + 1)
+        self._run_head(x, insert_pos, renormalize, cache)
+        return self._probe(latency_token, insert_pos, renormalize, cache, x.shape[1])
+
     @torch.inference_mode()
     def run(
-        self, request: ProcessedRequest, plan: Plan, gen: GenerationConfig | None = None, schedule: LayerSchedule | None = None
+        self,
+        request: ProcessedRequest,
+        plan: Plan | DeferredPlan,
+        gen: GenerationConfig | None = None,
+        schedule: LayerSchedule | None = None,
     ) -> Generation:
         """Execute an already preprocessed request with `plan` (its max_crops must match the request's).
-        `schedule` overrides the plan's decoder schedule (analysis only, e.g. removing a single block)."""
+        `schedule` overrides a Plan's decoder schedule (analysis only, e.g. removing a single block)."""
         gen = gen or GenerationConfig()
-        schedule = schedule or self.schedule(plan)
+        if schedule is not None and isinstance(plan, DeferredPlan):
+            raise ValueError("a schedule override needs a complete Plan, not a DeferredPlan")
         clock, model, dev = self.clock, self.model, self.device
         timings = Timings()
         t0 = clock.now()
 
-        ids = torch.as_tensor(request.input_ids, device=dev)[None]
-        features, idx = self.vision(request)
+        x = self._embed_prompt(request)
         t1 = clock.now()
         timings.vision_ms = t1 - t0
 
-        n_prompt = ids.shape[1]
-        cache = model.new_cache(schedule, n_prompt + gen.max_new_tokens)
-        hidden = model.decode_layers(model.embed(ids, features, idx), torch.arange(n_prompt, device=dev)[None], schedule, cache)
-        logits = model.logits(hidden[0, -1]).float()
+        n_prompt = x.shape[1]
+        cache = model.new_cache(n_prompt + gen.max_new_tokens)
+        done = 0  # schedule entries already run over the prompt
+        if isinstance(plan, DeferredPlan):
+            x = self._run_head(x, plan.insert_pos, plan.renormalize, cache)
+            t_head = clock.now()
+            hidden = self._probe(plan.latency_token, plan.insert_pos, plan.renormalize, cache, n_prompt)
+            t_probe = clock.now()
+            plan, done = plan.complete(hidden), plan.insert_pos
+            timings.probe_ms, timings.stage2_ms = t_probe - t_head, clock.now() - t_probe
+        schedule = schedule or self.schedule(plan)
+        x = model.run_blocks(
+            x, model.rope(torch.arange(n_prompt, device=dev)[None]), schedule.layers[done:], schedule.renormalize, cache
+        )
+        cache.length = n_prompt
+        logits = model.logits(model.final_norm(x)[0, -1]).float()
         t2 = clock.now()
         timings.prefill_ms = t2 - t1
 
@@ -268,6 +325,22 @@ class AdaptiveMolmoe:
         total = logprobs.gather(-1, target[:, None]).sum()
         return float(total), bool((logprobs.argmax(-1) == target).all())
 
+    def request_facts(
+        self, question: str, images: Sequence[Any], budget_ms: float | None, max_new_tokens: int, task: str | None = None
+    ) -> RequestFacts:
+        """What a controller may know before the vision encoder: exact prompt tokens and ViT crops per tier
+        (from the image sizes alone), the question's token count and the generation length."""
+        vision = self.processor.vision
+        sizes = tuple(image_size(im) for im in images)
+        text_tokens = len(self.processor.encode_text(question)) + 1
+        per_tier = {c: text_tokens + sum(image_token_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers}
+        crops = {c: sum(crop_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers}
+        return RequestFacts(budget_ms, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task)
+
+    def question_summary(self, question: str) -> Tensor:
+        """The question's mean token embedding under the model's own tokenizer and table (stage-1 input)."""
+        return question_summary(self.processor.encode_text(question), self.model.model.transformer.wte.embedding).cpu()
+
     def warmup(self, plans: Sequence[Plan] | None = None, steps: int = 2) -> None:
         """Run throw-away requests so first-call costs (allocations, kernel selection) are not timed."""
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
@@ -293,6 +366,13 @@ def read_drop_order(folder: Path, model_id: str) -> tuple[int, ...] | None:
         log.warning("%s was measured on model %s, not %s: ignored (default block order used)", path, made_for, model_id)
         return None
     return order
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(height, width) without decoding pixels for PIL images."""
+    if hasattr(image, "size") and hasattr(image, "mode"):
+        return image.height, image.width
+    return to_rgb_array(image).shape[:2]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

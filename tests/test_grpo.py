@@ -17,6 +17,7 @@ from lmms_adaptive.config import MolmoeConfig
 from lmms_adaptive.controllers import ArtifactError, RequestFacts, read_artifact
 from lmms_adaptive.grpo import (
     GRPOConfig,
+    GRPORun,
     Penalty,
     clipped_pg_loss,
     group_advantages,
@@ -406,6 +407,24 @@ def test_grpo_training_is_deterministic() -> None:
         runs.append((policy.state_dict(), [s.reward_mean for s in history]))
     assert runs[0][1] == runs[1][1]
     assert all(torch.equal(v, runs[1][0][k]) for k, v in runs[0][0].items())
+
+
+def test_a_resumed_run_continues_exactly_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """GRPORun's state (policy, optimizer, lr schedule, KL reference, rng) survives a save/load through a file."""
+    env = SyntheticEnv()
+    cfg = GRPOConfig(group_size=4, requests_per_step=2, kl_coef=0.05, budget_range_ms=BUDGETS, seed=5)
+    straight = make_policy(seed=2)
+    train(straight, env, cfg, steps=6)
+    first = GRPORun(make_policy(seed=2), env, cfg, steps=6)
+    for _ in range(3):
+        first.advance()
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = GRPORun(make_policy(seed=9), env, cfg, steps=6)  # other initial weights: all comes from the state
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    while not resumed.done:
+        resumed.advance()
+    assert resumed.step == 6
+    assert all(torch.equal(v, resumed.policy.state_dict()[k]) for k, v in straight.state_dict().items())
 
 
 def test_kl_term_in_training() -> None:

@@ -41,7 +41,7 @@ def greedy(
     """Prefill + greedy decode with a KV cache (no EOS stop): tokens and the logits that chose each one."""
     ids, feats, idx = inputs["ids"], inputs.get("features"), inputs.get("idx")
     n_prompt = ids.shape[1]
-    cache = model.new_cache(schedule, n_prompt + n_new)
+    cache = model.new_cache(n_prompt + n_new)
     hidden = model.decode_layers(model.embed(ids, feats, idx), torch.arange(n_prompt)[None], schedule, cache)
     logits = [model.logits(hidden[0, -1]).float()]
     tokens: list[int] = []

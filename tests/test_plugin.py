@@ -119,7 +119,6 @@ def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch)
         ("insert_pos=9", "insert_pos must be one of [1, 2, 3]"),
         ("max_new_tokens=0", "max_new_tokens must be a positive integer"),
         ("pretrained=/no/such/folder", "pretrained='/no/such/folder': checkpoint folder not found"),
-        ("controller=grpo,budget=100", "no grpo artifact for this model"),
         ("controller=fancy", "controller must be one of static, lookup, grpo"),
         ("controller=lookup,top_k=4", "top_k only apply to controller=static"),
         ("dtype=int8", "dtype must be one of"),
@@ -142,6 +141,25 @@ def test_controller_artifact_for_another_model_is_refused(lmm_class, tmp_path):
     other.write_text(json.dumps(static_artifact(Plan(3, 5, 7), "0123456789abcdef", lmm.rt.knobs)))
     with pytest.raises(ValueError, match="was made for model 0123456789abcdef"):
         make_lmm(lmm_class, f"controller={other}")
+
+
+def test_grpo_artifacts_are_found_per_model_and_refused_for_another(lmm_class, tiny_dir, tmp_path):
+    from lmms_adaptive.policy import GRPOController, PolicyDims, TwoStagePolicy
+
+    with pytest.raises(ValueError, match="no grpo artifact for this model"):
+        make_lmm(lmm_class, f"pretrained={tiny_dir},controller=grpo,budget=100")
+    lmm = make_lmm(lmm_class, "controller=static")
+    policy = TwoStagePolicy(lmm.rt.knobs, PolicyDims(d_model=lmm.rt.model.config.d_model), (50.0, 500.0))
+    good = tmp_path / "grpo.json"
+    good.write_text(json.dumps(policy.to_artifact(lmm.rt.model_id)))
+    with pytest.raises(ValueError, match=r"\(grpo\) decides per budget: give budget=<ms per request>"):
+        make_lmm(lmm_class, f"controller={good}")
+    loaded = make_lmm(lmm_class, f"controller={good},budget=120")
+    assert isinstance(loaded.controller, GRPOController) and loaded.controller.describe()["budget_range_ms"] == [50.0, 500.0]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(policy.to_artifact("0123456789abcdef")))
+    with pytest.raises(ValueError, match="was made for model 0123456789abcdef"):
+        make_lmm(lmm_class, f"controller={other},budget=120")
 
 
 def test_batch_size_string_is_accepted_and_logged(lmm_class, caplog):
