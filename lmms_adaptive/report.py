@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .controllers import BUILTIN_CONTROLLERS
 from .records import ProfileRow, plan_key, read_records, summarize
 from .results import latest_results
 
@@ -401,15 +402,19 @@ class ControllerSpec:
 
 
 def parse_controllers(spec: str) -> list[ControllerSpec]:
-    """`static,lookup=controllers/x.json,...`: `static`, or NAME=ARTIFACT for a controller artifact file."""
+    """`static,lookup,grpo=runs/grpo/controller.json,...`: a built-in name (`lookup` / `grpo` load the model's
+    artifact from `controllers/`, as `controller=lookup` does), or NAME=ARTIFACT for a controller artifact file."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        if item == "static":
-            out.append(ControllerSpec("static", "static", False))
+        if item in BUILTIN_CONTROLLERS:
+            out.append(ControllerSpec(item, item, False))
             continue
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"controller {item!r}: use `static` or NAME=ARTIFACT_FILE (e.g. lookup=controllers/lookup.json)")
+            raise ValueError(
+                f"controller {item!r}: use one of {', '.join(BUILTIN_CONTROLLERS)} or NAME=ARTIFACT_FILE "
+                "(e.g. lookup=controllers/lookup.json)"
+            )
         if not Path(path).is_file():
             raise FileNotFoundError(f"controller {name}: artifact file {path} not found")
         out.append(ControllerSpec(name, str(Path(path).resolve()), True))

@@ -256,8 +256,10 @@ def test_parse_controllers(tmp_path: Path):
     specs = parse_controllers(f"static, lookup={artifact}")
     assert [(s.name, s.named) for s in specs] == [("static", False), ("lookup", True)]
     assert specs[1].model_arg == str(artifact.resolve())
+    assert [(s.name, s.model_arg, s.named) for s in parse_controllers("lookup,grpo")] == [
+        ("lookup", "lookup", False), ("grpo", "grpo", False)]  # fmt: skip
     with pytest.raises(ValueError, match="NAME=ARTIFACT_FILE"):
-        parse_controllers("lookup")
+        parse_controllers("mine")
     with pytest.raises(FileNotFoundError):
         parse_controllers(f"grpo={tmp_path / 'missing.json'}")
 

@@ -1,0 +1,60 @@
+"""Run folders of the resumable training commands: the settings a run was started with, CSV logs cut
+back to the saved step on resume, and atomic state files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def check_settings(path: Path, wanted: Mapping[str, Any]) -> None:
+    """Write a new run's settings to `path`, or check that the run there was started with the same ones."""
+    if not path.is_file():
+        path.write_text(json.dumps(dict(wanted), indent=2) + "\n")
+        return
+    saved = json.loads(path.read_text())
+    differs = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if differs:
+        raise ValueError(
+            f"{path} was written by a run with other settings (saved, asked): {differs}; "
+            "use another output folder or the same settings"
+        )
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file: an interrupted save keeps the previous state."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def truncate_csv(path: Path, step: int) -> None:
+    """Drop the rows of a log whose `step` is `step` or later (written after the saved state)."""
+    if not path.is_file():
+        return
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    kept = [r for r in rows if int(r["step"]) < step]
+    if len(kept) != len(rows) and rows:
+        write_rows(path, kept, list(rows[0]), mode="w")
+
+
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str], mode: str = "a") -> None:
+    """Append rows to a CSV log (a header first when the file is new), or rewrite it with mode "w"."""
+    new = mode == "w" or not path.is_file()
+    with path.open(mode, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
