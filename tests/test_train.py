@@ -120,3 +120,28 @@ def test_interrupted_run_resumes_without_lost_or_repeated_steps(
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
     with pytest.raises(ValueError, match="other settings"):
         train(out, TrainConfig(**{**SHORT, "eval_tasks": (), "lr": 0.5}), device="cpu")
+
+
+@pytest.mark.slow
+def test_trained_artifact_through_the_plugin_and_report_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short run's artifact under lmms-eval (controller=<artifact>), compared with static and lookup."""
+    from lmms_adaptive.records import read_records
+    from lmms_adaptive.report import main as report_main
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.chdir(tmp_path)
+    artifact = train(tmp_path / "run", TrainConfig(**{**SHORT, "steps": 2, "eval_tasks": ()}), device="cpu")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--controllers", f"static,lookup,grpo={artifact}", "--budgets", "150", "--tasks", "synth_pope_test",
+            "--include-path", TASKS, "--limit", "2", "--out", str(out)]  # fmt: skip
+    assert report_main(argv) == 0
+    with (out / "report_synth_pope_test.csv").open() as f:
+        rows = {r["controller"].split("[")[0]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"static", "lookup", "grpo"}
+    assert all(r["n_requests"] == "2" and r["metric"] == "pope_accuracy" for r in rows.values())
+    (records_file,) = (out / "runs" / "grpo@150" / "adaptive_molmoe").glob("*.jsonl")
+    records = read_records(records_file)
+    assert len(records) == 2 and all(r["controller"]["kind"] == "grpo" and r["budget_ms"] == 150.0 for r in records)
+    assert all(r["probe_ms"] > 0 and r["controller_ms"] > 0 and r["violated"] == (r["total_ms"] > 150.0) for r in records)
+    mean_blocks = sum(r["plan"]["n_blocks"] for r in records) / 2
+    assert float(rows["grpo"]["mean_blocks"]) == pytest.approx(mean_blocks)
