@@ -251,19 +251,31 @@ def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def measure(rt: AdaptiveMolmoe, sample: TaskSample, plan: Plan, gen: GenerationConfig, style: str) -> ProfileRow:
-    """Run one (sample, plan) through the evaluation generate path and score it."""
-    out = rt.generate(sample.context, sample.images, plan, gen, style=task_style(sample.task, style))
-    t = out.timings
+def measure(
+    rt: AdaptiveMolmoe, sample: TaskSample, plan: Plan, gen: GenerationConfig, style: str, repeats: int = 1
+) -> ProfileRow:
+    """Run one (sample, plan) through the evaluation generate path `repeats` times and score it.
+
+    Greedy decoding gives the same answer every time; each latency is the median over the repeats
+    (per stage, and per decode step), so a burst of load from elsewhere on the machine moves no row."""
+    outs = [rt.generate(sample.context, sample.images, plan, gen, style=task_style(sample.task, style)) for _ in range(repeats)]
+    out, t = outs[0], outs[0].timings
+    if any(o.token_ids != out.token_ids for o in outs[1:]):
+        raise RuntimeError(f"{sample.task} doc {sample.doc_id}: repeats of {plan} generated different answers (sampling?)")
+
+    def median(stage: str) -> float:
+        return float(np.median([getattr(o.timings, stage) for o in outs]))
+
+    decode = [float(x) for x in np.median([o.timings.decode_ms for o in outs], axis=0)] if t.decode_ms else []
     return ProfileRow(
         task=sample.task, doc_id=sample.doc_id, split=sample.split,
         max_crops=plan.max_crops, top_k=plan.top_k, n_blocks=plan.n_blocks, insert_pos=plan.insert_pos,
         renormalize=plan.renormalize, n_crops=out.n_crops, n_image_tokens=out.n_image_tokens,
         n_text_tokens=out.n_prompt_tokens - out.n_image_tokens, n_prompt_tokens=out.n_prompt_tokens,
         n_output_tokens=len(out.token_ids), max_new_tokens=gen.max_new_tokens,
-        preprocess_ms=t.preprocess_ms, vision_ms=t.vision_ms, prefill_ms=t.prefill_ms, decode_ms=list(t.decode_ms),
-        total_ms=t.total_ms, score=sample.score(out.text), answer=out.text, stop_reason=out.stop_reason,
-        device=device_name(rt.device), model_fingerprint=rt.model_id,
+        preprocess_ms=median("preprocess_ms"), vision_ms=median("vision_ms"), prefill_ms=median("prefill_ms"),
+        decode_ms=decode, total_ms=median("total_ms"), score=sample.score(out.text), answer=out.text,
+        stop_reason=out.stop_reason, device=device_name(rt.device), model_fingerprint=rt.model_id, repeats=repeats,
     )  # fmt: skip
 
 
@@ -280,8 +292,10 @@ def sweep(
     out: Path,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     style: str = "auto",
+    repeats: int = 1,
 ) -> Path:
-    """Measure every (sample, plan) not yet in `out`; returns the compacted Parquet file."""
+    """Measure every (sample, plan) not yet in `out` (`repeats` times each, see `measure`); returns the
+    compacted Parquet file."""
     store = ProfileStore(out)
     todo = [(s, p) for s in samples for p in plans if (s.task, s.doc_id, plan_key(p.to_dict())) not in store.done]
     log.info("profile: %d rows to measure (%d already in %s)", len(todo), len(samples) * len(plans) - len(todo), out)
@@ -290,7 +304,7 @@ def sweep(
     try:
         for sample, plan in tqdm(todo, desc="profile", unit="row"):
             gen = generation_config(sample.gen_kwargs, max_new_tokens)
-            store.append(measure(rt, sample, plan, gen, style))
+            store.append(measure(rt, sample, plan, gen, style, repeats))
     finally:
         path = store.compact()
         store.close()
@@ -420,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("out", type=Path, help="profile folder (rows.parquet); re-running resumes")
         _common(parser)
         parser.add_argument("--grid", default=None, help='narrow the knob grid, e.g. "max_crops=3,12;top_k=4,8;n_blocks=12,16;insert_pos=1"')
+        parser.add_argument("--repeats", type=int, default=1,
+                            help="runs per row; latencies are the medians (use 3+ on a machine shared with other work)")  # fmt: skip
         args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     rt = AdaptiveMolmoe.from_pretrained(args.pretrained, device=args.device, dtype=args.dtype)
@@ -431,7 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"drop order (least important first): {result.drop_order}\nwritten to {out}")
         return
     plans = grid_plans(rt.knobs, parse_grid(args.grid))
-    print(sweep(rt, samples, plans, args.out, args.max_new_tokens))
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    print(sweep(rt, samples, plans, args.out, args.max_new_tokens, repeats=args.repeats))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ class ProfileRow:
     stop_reason: str
     device: str
     model_fingerprint: str
+    repeats: int = 1  # runs measured; each latency is their median
     version: int = PROFILE_VERSION
 
     @property

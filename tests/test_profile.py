@@ -10,7 +10,7 @@ import pytest
 from lmms_adaptive import profile
 from lmms_adaptive.plan import KnobSpace, Plan
 from lmms_adaptive.records import ProfileRow
-from lmms_adaptive.runtime import IMPORTANCE_FILE, AdaptiveMolmoe, read_drop_order
+from lmms_adaptive.runtime import IMPORTANCE_FILE, AdaptiveMolmoe, GenerationConfig, read_drop_order
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 
@@ -97,6 +97,24 @@ def test_sweep_writes_one_scored_row_per_sample_and_plan(rt, samples, tmp_path: 
         assert row.n_output_tokens <= row.max_new_tokens
     by_plan = {r.plan: r for r in rows if r.task == "synth_vqa_test"}
     assert by_plan[PLANS[0]].n_crops < by_plan[PLANS[1]].n_crops
+
+
+def test_repeats_record_the_median_of_each_stage(rt, samples, monkeypatch) -> None:
+    from lmms_adaptive.runtime import Timings
+
+    generate = rt.generate
+    totals = iter([30.0, 10.0, 20.0])
+
+    def timed(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        total = next(totals)
+        out.timings = Timings(1.0, total / 10, total / 5, 0.0, 0.0, [total / 100] * len(out.timings.decode_ms), total)
+        return out
+
+    monkeypatch.setattr(rt, "generate", timed)
+    gen = GenerationConfig(max_new_tokens=3, stop_at_eos=False)
+    row = profile.measure(rt, samples[0], PLANS[0], gen, "auto", repeats=3)
+    assert (row.repeats, row.total_ms, row.vision_ms, row.prefill_ms, row.decode_ms) == (3, 20.0, 2.0, 4.0, [0.2, 0.2])
 
 
 def test_interrupted_sweep_resumes_without_duplicates_or_losses(rt, samples, tmp_path: Path, monkeypatch) -> None:
