@@ -18,6 +18,7 @@ from lmms_adaptive.checkpoint import (
     SAFETENSORS,
     SAFETENSORS_INDEX,
     CheckpointError,
+    build_model,
     convert,
     fingerprint,
     iter_tensors,
@@ -368,3 +369,18 @@ def test_shipped_default_is_the_trained_tiny_model_and_loads_strictly() -> None:
     rt = AdaptiveMolmoe.from_pretrained(None, device="cpu")
     assert rt.model_id == fingerprint(folder)
     assert len(rt.generate("Hi", None, gen=GenerationConfig(max_new_tokens=2, stop_at_eos=False)).token_ids) == 2
+
+
+def test_build_model_allocates_directly_in_the_requested_dtype(tiny_dir, monkeypatch) -> None:
+    """No full-precision copy first: every tensor is created in bf16 (for the real model, 14 GB not 29 GB + 14 GB)."""
+    created = []
+    empty_like = torch.empty_like
+
+    def spy(tensor, *args, **kwargs):
+        created.append(kwargs.get("dtype", tensor.dtype))
+        return empty_like(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty_like", spy)
+    model = build_model(MolmoeConfig.from_folder(tiny_dir), "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert created and set(created) == {torch.bfloat16}
