@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lmms_adaptive.checkpoint import build_model
 from lmms_adaptive.config import MolmoeConfig
 from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM, count_parameters
 from lmms_adaptive.plan import Plan
@@ -115,13 +116,6 @@ def model_config(size: str, base_vocab: int) -> dict:
     raise ValueError(f"unknown size {size!r}")
 
 
-def allocate(config: MolmoeConfig, device: torch.device, dtype: torch.dtype) -> MolmoeForCausalLM:
-    """An uninitialised model directly in `dtype` on `device` (no fp32 copy first)."""
-    with torch.device("meta"):
-        model = MolmoeForCausalLM(config).to(dtype)
-    return model.to_empty(device=device)
-
-
 @torch.no_grad()
 def init_random(model: MolmoeForCausalLM, seed: int) -> None:
     """Normal(0, 0.02) weights, zero biases, unit norm scales; generated on the model's device."""
@@ -143,7 +137,7 @@ def build_runtime(size: str, device: torch.device, dtype: torch.dtype, seed: int
     n_ids = config.embedding_size + config.additional_vocab_size
     if tokenizer.get_vocab_size() > n_ids:
         raise SystemExit(f"tokenizer has {tokenizer.get_vocab_size()} ids but the {size} model embeds only {n_ids}")
-    model = allocate(config, device, dtype)
+    model = build_model(config, device, dtype)
     init_random(model, seed)
     model.eval().requires_grad_(False)
     log.info(

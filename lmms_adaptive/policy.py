@@ -400,34 +400,41 @@ class TwoStagePolicy(nn.Module):
 
     def greedy(self, request: PolicyRequest) -> Plan:
         """The most likely stage-1 pair, then the most likely stage-2 pair given it."""
-        max_crops, insert_pos, token = self.greedy_stage1(request.budget_ms, request.question, request.features)
+        token = self.budget_token(request.budget_ms)
+        max_crops, insert_pos = self.greedy_stage1(token, request.question, request.features)
         hidden = request.stage2_hidden(max_crops, insert_pos, token)
-        return self.greedy_stage2(request.budget_ms, hidden, request.features, max_crops, insert_pos)
+        return self.greedy_stage2(token, hidden, request.features, max_crops, insert_pos)
 
-    @torch.no_grad()
-    def greedy_stage1(self, budget_ms: float, question: Tensor, features: Tensor) -> tuple[int, int, Tensor]:
-        """(max_crops, insert_pos, latency-token embedding [d_model]) of the most likely stage-1 pair for one
-        request (question [d_model] and features [n_features] unbatched)."""
-        device = self.question_norm.mean.device
-        question, features = (x.to(device, torch.float32)[None] for x in (question, features))
-        token = self.latency_token(torch.tensor([float(budget_ms)], device=device))
-        tier_idx, pos_idx = self._stage1(token, question, features).mode()
-        return self.knobs.tiers[int(tier_idx)], self.knobs.insert_positions[int(pos_idx)], token[0]
+    @torch.inference_mode()
+    def budget_token(self, budget_ms: float) -> Tensor:
+        """The latency-token embedding [d_model] of one budget (clamped to the trained range)."""
+        return self.latency_token(torch.tensor([float(budget_ms)], device=self.question_norm.mean.device))[0]
 
-    @torch.no_grad()
-    def greedy_stage2(self, budget_ms: float, hidden: Tensor, features: Tensor, max_crops: int, insert_pos: int) -> Plan:
+    @torch.inference_mode()
+    def greedy_stage1(self, token: Tensor, question: Tensor, features: Tensor) -> tuple[int, int]:
+        """(max_crops, insert_pos) of the most likely stage-1 pair for one request: its latency-token
+        embedding, question summary [d_model] and features [n_features]."""
+        tier_idx, pos_idx = self._stage1(*self._one(token, question, features)).mode()
+        return self.knobs.tiers[int(tier_idx)], self.knobs.insert_positions[int(pos_idx)]
+
+    @torch.inference_mode()
+    def greedy_stage2(self, token: Tensor, hidden: Tensor, features: Tensor, max_crops: int, insert_pos: int) -> Plan:
         """The most likely (top-k, active blocks) given the latency token's hidden state [d_model] at block p."""
-        device = self.question_norm.mean.device
-        budget = torch.tensor([float(budget_ms)], device=device)
-        dist = self.stage2_dist(
-            budget,
-            hidden.to(device, torch.float32)[None],
-            features.to(device, torch.float32)[None],
-            torch.tensor([max_crops], device=device),
-            torch.tensor([insert_pos], device=device),
-        )
-        k_idx, b_idx = dist.mode()
+        if max_crops not in self.knobs.tiers or insert_pos not in self.knobs.insert_positions:
+            raise ValueError(
+                f"stage-1 choices must be tiers {list(self.knobs.tiers)} and insertion positions "
+                f"{list(self.knobs.insert_positions)}, got {max_crops} and {insert_pos}"
+            )
+        choices = torch.tensor([[self.knobs.tiers.index(max_crops), self.knobs.insert_positions.index(insert_pos)]])
+        token, hidden, features = self._one(token, hidden, features)
+        choices = choices.to(token.device)
+        k_idx, b_idx = self._stage2(token, hidden, features, choices[:, 0], choices[:, 1]).mode()
         return Plan(max_crops, self.knobs.top_k_options[int(k_idx)], self.block_choices[int(b_idx)], insert_pos)
+
+    def _one(self, *vectors: Tensor) -> tuple[Tensor, ...]:
+        """Unbatched vectors as a batch of one, float32 on the policy's device."""
+        device = self.question_norm.mean.device
+        return tuple(v.to(device, torch.float32)[None] for v in vectors)
 
     def request_batch(self, request: PolicyRequest, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """(budget_ms [n], question [n, d], features [n, F]) of one request repeated n times."""
@@ -563,21 +570,25 @@ class GRPOController(Controller):
     def __init__(self, policy: TwoStagePolicy, question_summary: Callable[[str], Tensor]) -> None:
         self.policy = policy.eval()
         self.question_summary = question_summary
+        self._tokens: dict[float, Tensor] = {}
 
     def stage1(self, facts: RequestFacts) -> Stage1:
-        budget = self._budget(facts)
+        token = self._token(facts)
         features = request_features(facts, self.policy.knobs)
-        max_crops, insert_pos, token = self.policy.greedy_stage1(budget, self.question_summary(facts.question), features)
+        max_crops, insert_pos = self.policy.greedy_stage1(token, self.question_summary(facts.question), features)
         return Stage1(max_crops, insert_pos, latency_token=token)
 
     def stage2(self, facts: RequestFacts, first: Stage1, hidden: Tensor) -> Plan:
         features = request_features(facts, self.policy.knobs)
-        return self.policy.greedy_stage2(self._budget(facts), hidden, features, first.max_crops, first.insert_pos)
+        return self.policy.greedy_stage2(self._token(facts), hidden, features, first.max_crops, first.insert_pos)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "budget_range_ms": list(self.policy.budget_range_ms)}
 
-    def _budget(self, facts: RequestFacts) -> float:
+    def _token(self, facts: RequestFacts) -> Tensor:
+        """The budget's latency-token embedding, computed once per budget (requests usually share one)."""
         if facts.budget_ms is None:
             raise ValueError("the grpo controller needs a latency budget per request (model_args budget=<ms>)")
-        return facts.budget_ms
+        if facts.budget_ms not in self._tokens:
+            self._tokens[facts.budget_ms] = self.policy.budget_token(facts.budget_ms)
+        return self._tokens[facts.budget_ms]

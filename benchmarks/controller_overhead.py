@@ -1,0 +1,124 @@
+"""What the two-stage (grpo) controller costs per request: stage 1, the latency-token probe, stage 2.
+
+    python benchmarks/controller_overhead.py --size mid --device cpu --json /tmp/controller_mid.json
+    python benchmarks/controller_overhead.py --size full --device cuda --image 640x480 --image 1280x720
+
+Random model weights and a randomly initialised policy (cost depends on shapes only). Each request runs
+twice, interleaved: through the controller (request facts, stage 1, DeferredPlan: latency token to block
+p, stage 2, the rest of the plan) and as the same plan given statically. Reported per image (medians):
+the request facts (token counts per tier from the image size), stage 1, the probe, stage 2, their sum,
+the request's total latency, the overhead as a share of it, and the measured difference between the two
+runs of the same plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from knob_latency import QUESTION, build_runtime, parse_size, synthetic_image
+from tqdm import tqdm
+
+from lmms_adaptive.controllers import stage1_decision
+from lmms_adaptive.policy import GRPOController, PolicyDims, TwoStagePolicy
+from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig, resolve_dtype
+
+log = logging.getLogger("controller_overhead")
+
+
+@dataclass
+class Row:
+    size: str
+    device_name: str
+    image: str
+    budget_ms: float
+    plan: str
+    requests: int
+    facts_ms: float
+    stage1_ms: float
+    probe_ms: float
+    stage2_ms: float
+    controller_ms: float  # stage 1 + probe + stage 2
+    total_ms: float  # the request through the controller, end to end
+    static_total_ms: float  # the same plan given statically
+    overhead_pct: float  # controller_ms / total_ms
+
+
+def one_request(rt: AdaptiveMolmoe, controller: GRPOController, image, budget: float, gen: GenerationConfig) -> dict:
+    start = time.perf_counter()
+    facts = rt.request_facts(QUESTION, [image], budget, gen.max_new_tokens)
+    decided = time.perf_counter()
+    decision = stage1_decision(controller, facts)
+    stage1_ms = (time.perf_counter() - decided) * 1000.0
+    out = rt.generate(QUESTION, [image], decision, gen)
+    total_ms = (time.perf_counter() - start) * 1000.0
+    static = rt.generate(QUESTION, [image], out.plan, gen)
+    t = out.timings
+    return {
+        "facts_ms": (decided - start) * 1000.0, "stage1_ms": stage1_ms, "probe_ms": t.probe_ms, "stage2_ms": t.stage2_ms,
+        "total_ms": total_ms, "static_total_ms": static.timings.total_ms, "plan": out.plan,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python benchmarks/controller_overhead.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=("full", "mid", "tiny"), default="mid", help="model shapes (default: mid)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--image", action="append", metavar="WxH", help="synthetic image size; repeatable (default 640x480)")
+    p.add_argument("--budget", type=float, default=200.0, help="budget in ms given to the controller (default 200)")
+    p.add_argument("--requests", type=int, default=20, help="timed requests per image (default 20)")
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per request (default 8)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="write the rows as a JSON list here")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    images = list(dict.fromkeys(args.image or ["640x480"]))
+    for spec in images:
+        parse_size(spec)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    rt = build_runtime(args.size, device, resolve_dtype(args.dtype, device), args.seed)
+    policy = TwoStagePolicy(rt.knobs, PolicyDims(d_model=rt.model.config.d_model), (args.budget / 4, args.budget * 4))
+    controller = GRPOController(policy, rt.question_summary)
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    rows = []
+    for spec in images:
+        image = synthetic_image(spec, args.seed)
+        for _ in range(2):
+            one_request(rt, controller, image, args.budget, gen)  # warm-up
+        runs = [one_request(rt, controller, image, args.budget, gen) for _ in tqdm(range(args.requests), desc=spec, unit="request")]
+
+        def med(key: str, runs: list[dict] = runs) -> float:
+            return statistics.median(r[key] for r in runs)
+
+        controller_ms = statistics.median(r["stage1_ms"] + r["probe_ms"] + r["stage2_ms"] for r in runs)
+        plans = {str(r["plan"]) for r in runs}
+        rows.append(Row(
+            size=args.size, device_name=device_name, image=spec, budget_ms=args.budget, plan=" | ".join(sorted(plans)),
+            requests=len(runs), facts_ms=med("facts_ms"), stage1_ms=med("stage1_ms"), probe_ms=med("probe_ms"),
+            stage2_ms=med("stage2_ms"), controller_ms=controller_ms, total_ms=med("total_ms"),
+            static_total_ms=med("static_total_ms"), overhead_pct=100.0 * controller_ms / med("total_ms"),
+        ))  # fmt: skip
+    header = "| image | facts ms | stage 1 ms | probe ms | stage 2 ms | controller ms | total ms | static total ms | overhead % |"
+    print(header + "\n" + "|---" * 9 + "|")
+    for r in rows:
+        print(f"| {r.image} | {r.facts_ms:.3f} | {r.stage1_ms:.3f} | {r.probe_ms:.3f} | {r.stage2_ms:.3f} | "
+              f"{r.controller_ms:.3f} | {r.total_ms:.1f} | {r.static_total_ms:.1f} | {r.overhead_pct:.2f} |")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
