@@ -27,22 +27,25 @@ from .policy import PolicyRequest, TwoStagePolicy
 
 @dataclass(frozen=True)
 class Penalty:
-    """Reward penalty of a request over its budget: `constant + per_overshoot * (latency / budget - 1)`.
+    """Reward penalty of a request over its budget: `constant + per_overshoot * min(latency / budget - 1, cap)`.
 
     A constant at least the score range (1 for accuracies) makes every violation worse than any plan that
     fits, whatever its score: the budget is the hard constraint. The proportional term then ranks
-    violations by relative overshoot, so a group whose plans all miss still learns to miss by less.
+    violations by relative overshoot, so a group whose plans all miss still learns to miss by less. The
+    cap bounds it: measured latencies have a long tail (a request that met load from elsewhere on the
+    machine), and one such run should not outweigh the rest of its group.
     """
 
     constant: float = 1.0
     per_overshoot: float = 1.0
+    cap: float = 1.0
 
 
 def reward(score: float, latency_ms: float, budget_ms: float, penalty: Penalty = Penalty()) -> float:
     """Score, minus the penalty when the latency exceeds the budget (equal is within budget)."""
     if latency_ms <= budget_ms:
         return score
-    return score - penalty.constant - penalty.per_overshoot * (latency_ms / budget_ms - 1.0)
+    return score - penalty.constant - penalty.per_overshoot * min(latency_ms / budget_ms - 1.0, penalty.cap)
 
 
 def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:

@@ -77,6 +77,7 @@ class TrainConfig:
     epochs: int = 2
     penalty: float = 1.0
     penalty_per_overshoot: float = 1.0
+    penalty_cap: float = 1.0  # the relative overshoot counted at most
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a task's gen_kwargs set none
     save_every: int = 5
     seed: int = 0
@@ -97,7 +98,7 @@ class TrainConfig:
         return GRPOConfig(
             group_size=self.group_size, requests_per_step=self.requests_per_step, lr=self.lr,
             stage1_lr_scale=self.stage1_lr_scale, clip_eps=self.clip_eps, kl_coef=self.kl_coef,
-            entropy_coef=self.entropy_coef, epochs=self.epochs, penalty=Penalty(self.penalty, self.penalty_per_overshoot),
+            entropy_coef=self.entropy_coef, epochs=self.epochs, penalty=Penalty(self.penalty, self.penalty_per_overshoot, self.penalty_cap),
             budget_range_ms=(low, high), seed=self.seed,
         )  # fmt: skip
 

@@ -130,6 +130,8 @@ def test_reward_is_the_score_within_budget_and_penalised_beyond() -> None:
     assert reward(0.7, 50.0, 100.0, penalty) == 0.7
     assert reward(0.7, 110.0, 100.0, penalty) == pytest.approx(0.7 - 1.0 - 2.0 * 0.1)
     assert reward(1.0, 100.1, 100.0) < reward(0.0, 100.0, 100.0)  # any violation is worse than any fit
+    assert reward(0.7, 900.0, 100.0, penalty) == pytest.approx(0.7 - 1.0 - 2.0 * 1.0)  # overshoot capped at 1
+    assert reward(0.7, 900.0, 100.0, Penalty(cap=10.0)) == pytest.approx(0.7 - 1.0 - 8.0)
 
 
 def test_group_advantages_hand_values() -> None:
