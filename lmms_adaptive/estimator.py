@@ -25,7 +25,10 @@ to be faster than a smaller one, which is what a controller relies on when it wa
 
 Fits minimise relative residuals (each observation weighted by 1 / measured, floored at 5% of the stage's
 median so near-zero stages, e.g. the vision of a text-only request, do not dominate), except the overhead,
-whose residual can be near zero or negative and is fitted in milliseconds. Non-negative least squares is
+whose residual can be near zero or negative and is fitted in milliseconds. They are robust: Huber weights
+over a few reweighted refits (`ROBUST_REFITS`), with the residuals' scale from their median absolute
+deviation, so the few rows that met load from elsewhere on the machine (latencies several times the
+usual) do not drag a stage's coefficients. Non-negative least squares is
 solved exactly by enumerating supports (at most 2^5 small solves on the QR factor of the design matrix).
 The MoE `renormalize` knob does not change the work done and is not a feature.
 """
@@ -62,6 +65,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "overhead": ("n_forwards",),
 }
 RELATIVE_FLOOR = 0.05  # weights are 1 / max(measured, RELATIVE_FLOOR * median measured)
+ROBUST_REFITS = 5  # Huber-reweighted refits after the first least-squares fit
+HUBER_K = 1.345  # residuals beyond HUBER_K robust standard deviations are down-weighted (95% efficiency)
 EVALUATED = ("preprocess", "vision", "prefill", "decode", "total")
 GROUP_KNOBS = ("max_crops", "top_k", "n_blocks")
 
@@ -328,7 +333,22 @@ def _fit_stage(name: str, obs: _Observations, rows: Sequence[ProfileRow]) -> np.
             f"{name}: {len(y)} observations from rows that do not vary enough to fit feature(s) {names} "
             f"(seen: {_variety(rows)})"
         )
-    return _nnls(x, y)
+    return _robust_nnls(x, y)
+
+
+def _robust_nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares with Huber weights, by iteratively reweighted refits: a residual beyond
+    HUBER_K robust standard deviations (1.4826 x the median absolute deviation) counts linearly, not
+    quadratically. Exact data (zero scale) keeps the plain solution."""
+    coef = _nnls(x, y)
+    for _ in range(ROBUST_REFITS):
+        residual = x @ coef - y
+        scale = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+        if scale <= 1e-12 * max(1.0, float(np.abs(y).max())):
+            break
+        weight = np.sqrt(np.minimum(1.0, HUBER_K * scale / np.maximum(np.abs(residual), 1e-300)))
+        coef = _nnls(x * weight[:, None], y * weight)
+    return coef
 
 
 def _unidentified(x: np.ndarray) -> list[int]:
@@ -398,15 +418,18 @@ def split_rows(
 
 
 def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float | int | None]:
-    """MAE, RMSE (ms), MAPE (%, over nonzero measurements) and R2 (None when the measurements are constant)."""
+    """MAE, RMSE (ms), MAPE and its median MdAPE (%, over nonzero measurements) and R2 (None when the
+    measurements are constant). MdAPE says what a typical request sees when a few measurements met load."""
     err = predicted - measured
     ss_tot = float(np.sum((measured - measured.mean()) ** 2))
     nonzero = measured != 0
+    ape = np.abs(err[nonzero] / measured[nonzero]) * 100
     return {
         "n": len(measured),
         "mae_ms": float(np.mean(np.abs(err))),
         "rmse_ms": float(np.sqrt(np.mean(err**2))),
-        "mape_pct": float(np.mean(np.abs(err[nonzero] / measured[nonzero])) * 100) if nonzero.any() else None,
+        "mape_pct": float(np.mean(ape)) if nonzero.any() else None,
+        "mdape_pct": float(np.median(ape)) if nonzero.any() else None,
         "r2": 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else None,
     }
 
@@ -457,7 +480,7 @@ def format_evaluation(evaluation: dict[str, Any], title: str) -> str:
     """A fixed-width table of `evaluate`'s result, one line per (group, quantity)."""
     lines = [
         f"{title}: {evaluation['n_rows']} rows from {evaluation['n_samples']} samples",
-        f"{'group':<14}{'quantity':<12}{'n':>8}{'MAE ms':>11}{'RMSE ms':>11}{'MAPE %':>10}{'R2':>12}",
+        f"{'group':<14}{'quantity':<12}{'n':>8}{'MAE ms':>11}{'RMSE ms':>11}{'MAPE %':>10}{'MdAPE %':>10}{'R2':>12}",
     ]
     for group in ("all", *(f"by_{k}" for k in GROUP_KNOBS)):
         for value, by_name in evaluation[group].items():
@@ -467,7 +490,7 @@ def format_evaluation(evaluation: dict[str, Any], title: str) -> str:
                 if m is not None:
                     lines.append(
                         f"{label:<14}{name:<12}{m['n']:>8}{m['mae_ms']:>11.3f}{m['rmse_ms']:>11.3f}"
-                        f"{_fmt(m['mape_pct'], 2):>10}{_fmt(m['r2'], 4):>12}"
+                        f"{_fmt(m['mape_pct'], 2):>10}{_fmt(m['mdape_pct'], 2):>10}{_fmt(m['r2'], 4):>12}"
                     )
     return "\n".join(lines)
 
