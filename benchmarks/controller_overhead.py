@@ -90,13 +90,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     policy = TwoStagePolicy(rt.knobs, PolicyDims(d_model=rt.model.config.d_model), (args.budget / 4, args.budget * 4))
     controller = GRPOController(policy, rt.question_summary)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     rows = []
     for spec in images:
         image = synthetic_image(spec, args.seed)
         for _ in range(2):
             one_request(rt, controller, image, args.budget, gen)  # warm-up
-        runs = [one_request(rt, controller, image, args.budget, gen) for _ in tqdm(range(args.requests), desc=spec, unit="request")]
+        runs = [
+            one_request(rt, controller, image, args.budget, gen)
+            for _ in tqdm(range(args.requests), desc=spec, unit="request")
+        ]
 
         def med(key: str, runs: list[dict] = runs) -> float:
             return statistics.median(r[key] for r in runs)

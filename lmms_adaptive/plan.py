@@ -90,7 +90,9 @@ class KnobSpace:
         """'low' / 'medium' / 'high' (or an explicit max_crops) -> max_crops."""
         if isinstance(name_or_crops, str):
             if name_or_crops not in TIER_NAMES[: len(self.tiers)]:
-                raise ValueError(f"tier must be one of {', '.join(TIER_NAMES[: len(self.tiers)])}, got {name_or_crops!r}")
+                raise ValueError(
+                    f"tier must be one of {', '.join(TIER_NAMES[: len(self.tiers)])}, got {name_or_crops!r}"
+                )
             return self.tiers[TIER_NAMES.index(name_or_crops)]
         return name_or_crops
 
@@ -119,7 +121,9 @@ class KnobSpace:
         if plan.insert_pos not in self.insert_positions:
             raise ValueError(f"plan.insert_pos must be one of {list(self.insert_positions)}, got {plan.insert_pos}")
         if not 1 <= plan.top_k <= self.model_top_k:
-            raise ValueError(f"plan.top_k must be in 1..{self.model_top_k} (usual options {list(self.top_k_options)}), got {plan.top_k}")
+            raise ValueError(
+                f"plan.top_k must be in 1..{self.model_top_k} (usual options {list(self.top_k_options)}), got {plan.top_k}"
+            )
         options = self.block_options(plan.insert_pos)
         if plan.n_blocks not in options:
             raise ValueError(
@@ -145,6 +149,10 @@ class KnobSpace:
         candidates = [i for i in order if i >= plan.insert_pos]
         dropped = set(candidates[: self.n_layers - plan.n_blocks])
         return LayerSchedule(
-            tuple((i, self.model_top_k if i < plan.insert_pos else plan.top_k) for i in range(self.n_layers) if i not in dropped),
+            tuple(
+                (i, self.model_top_k if i < plan.insert_pos else plan.top_k)
+                for i in range(self.n_layers)
+                if i not in dropped
+            ),
             renormalize=plan.renormalize,
         )

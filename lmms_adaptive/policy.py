@@ -451,9 +451,7 @@ class TwoStagePolicy(nn.Module):
         return KnobPair.from_logits(self.stage2(token, hidden, features, tier_idx, pos_idx))
 
     @torch.no_grad()
-    def _sample(
-        self, requests: Sequence[PolicyRequest], n: int, generator: torch.Generator | None
-    ) -> list[Rollout]:
+    def _sample(self, requests: Sequence[PolicyRequest], n: int, generator: torch.Generator | None) -> list[Rollout]:
         budget_ms, question, features = (
             torch.cat(parts) for parts in zip(*(self.request_batch(r, n) for r in requests))
         )

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from .checkpoint import fingerprint, load_model
+from .controllers import RequestFacts
 from .model import KVCache, LayerSchedule, MolmoeForCausalLM
 from .plan import DeferredPlan, KnobSpace, Plan
 from .policy import question_summary
-from .controllers import RequestFacts
 from .processor import MolmoeProcessor, ProcessedRequest, crop_count, image_token_count, to_rgb_array
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,9 @@ class AdaptiveMolmoe:
         rope = self.model.rope(torch.arange(x.shape[1], device=self.device)[None])
         return self.model.run_blocks(x, rope, head, renormalize, cache)
 
-    def _probe(self, latency_token: Tensor, insert_pos: int, renormalize: bool, cache: KVCache, n_prompt: int) -> Tensor:
+    def _probe(
+        self, latency_token: Tensor, insert_pos: int, renormalize: bool, cache: KVCache, n_prompt: int
+    ) -> Tensor:
         """The latency token alone through blocks 0..p-1 at position n_prompt, after `_run_head` filled their
         cache: it attends to the prompt and nothing attends to it (the prompt is done, and the first decode
         step, at the same position, overwrites its cache slot). Its hidden state there, [d_model] float32."""
@@ -315,7 +317,9 @@ class AdaptiveMolmoe:
         if not continuation:
             raise ValueError("score: the continuation is empty")
         model, dev = self.model, self.device
-        ids = torch.as_tensor(np.concatenate([request.input_ids, np.asarray(continuation, dtype=np.int64)]), device=dev)[None]
+        ids = torch.as_tensor(
+            np.concatenate([request.input_ids, np.asarray(continuation, dtype=np.int64)]), device=dev
+        )[None]
         features, idx = self.vision(request)
         positions = torch.arange(ids.shape[1], device=dev)[None]
         hidden = model.decode_layers(model.embed(ids, features, idx), positions, self.schedule(plan))
@@ -326,14 +330,21 @@ class AdaptiveMolmoe:
         return float(total), bool((logprobs.argmax(-1) == target).all())
 
     def request_facts(
-        self, question: str, images: Sequence[Any], budget_ms: float | None, max_new_tokens: int, task: str | None = None
+        self,
+        question: str,
+        images: Sequence[Any],
+        budget_ms: float | None,
+        max_new_tokens: int,
+        task: str | None = None,
     ) -> RequestFacts:
         """What a controller may know before the vision encoder: exact prompt tokens and ViT crops per tier
         (from the image sizes alone), the question's token count and the generation length."""
         vision = self.processor.vision
         sizes = tuple(image_size(im) for im in images)
         text_tokens = len(self.processor.encode_text(question)) + 1
-        per_tier = {c: text_tokens + sum(image_token_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers}
+        per_tier = {
+            c: text_tokens + sum(image_token_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers
+        }
         crops = {c: sum(crop_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers}
         return RequestFacts(budget_ms, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task)
 
@@ -361,7 +372,9 @@ def read_drop_order(folder: Path, model_id: str) -> tuple[int, ...] | None:
         saved = json.loads(path.read_text())
         order, made_for = tuple(int(i) for i in saved["drop_order"]), saved["model_fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: not a block importance file (needs drop_order and model_fingerprint): {err}") from err
+        raise ValueError(
+            f"{path}: not a block importance file (needs drop_order and model_fingerprint): {err}"
+        ) from err
     if made_for != model_id:
         log.warning("%s was measured on model %s, not %s: ignored (default block order used)", path, made_for, model_id)
         return None

@@ -84,7 +84,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if len(self.budget_range_ms) != 2 or not 0 < self.budget_range_ms[0] < self.budget_range_ms[1]:
-            raise ValueError(f"budget_range_ms must be two numbers LOW,HIGH with 0 < LOW < HIGH, got {self.budget_range_ms}")
+            raise ValueError(
+                f"budget_range_ms must be two numbers LOW,HIGH with 0 < LOW < HIGH, got {self.budget_range_ms}"
+            )
         for name in ("steps", "group_size", "requests_per_step", "epochs", "save_every", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -156,7 +158,9 @@ class MolmoeEnvironment:
 
     def run(self, request: TaskRequest, plan: Plan) -> tuple[float, float]:
         fixed = DeferredPlan(plan.max_crops, plan.insert_pos, self._probe_token, lambda _: plan, plan.renormalize)
-        out = self.rt.generate(request.sample.context, request.sample.images, fixed, request.gen, style=self._style(request.sample))
+        out = self.rt.generate(
+            request.sample.context, request.sample.images, fixed, request.gen, style=self._style(request.sample)
+        )
         return request.sample.score(out.text), out.timings.total_ms
 
     def _style(self, sample: TaskSample) -> str | None:
@@ -184,7 +188,11 @@ class EvalResult:
 
 
 def evaluate(
-    rt: AdaptiveMolmoe, controller: Controller, samples: Sequence[TaskSample], budgets: Sequence[float], max_new_tokens: int
+    rt: AdaptiveMolmoe,
+    controller: Controller,
+    samples: Sequence[TaskSample],
+    budgets: Sequence[float],
+    max_new_tokens: int,
 ) -> list[EvalResult]:
     """Every sample at every budget, decided by `controller` as the plugin does; per (task, budget) means."""
     results = []
@@ -249,7 +257,11 @@ def plot_curves(metrics: Path, out: Path) -> Path:
         window = max(1, len(values) // 20)
         ax.plot(steps, values, alpha=0.35)
         if len(values) >= window:
-            ax.plot(steps[window - 1 :], np.convolve(values, np.ones(window) / window, mode="valid"), label=f"mean of {window}")
+            ax.plot(
+                steps[window - 1 :],
+                np.convolve(values, np.ones(window) / window, mode="valid"),
+                label=f"mean of {window}",
+            )
             ax.legend(fontsize=7)
         ax.set(xlabel="step", title=label)
     fig.suptitle("GRPO: sampled plans per step")
@@ -274,10 +286,10 @@ class RunFolder:
 def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Path:
     """Train (or resume) the run in `out`, write the artifact, evaluate it; returns the artifact path."""
     run = RunFolder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(run.settings, json.loads(json.dumps(asdict(cfg))))
     rt = AdaptiveMolmoe.from_pretrained(cfg.pretrained, device=device, dtype=dtype)
     samples = load_samples(cfg.tasks, cfg.include_path, cfg.limit, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(run.settings, json.loads(json.dumps(asdict(cfg))))  # after the inputs proved loadable
     env = MolmoeEnvironment(rt, samples, cfg.max_new_tokens)
     grpo_cfg = cfg.grpo()
     torch.manual_seed(cfg.seed)
@@ -312,7 +324,9 @@ def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | N
     log.info("controller artifact: %s; curves: %s", run.artifact, plot_curves(run.metrics, run.curves))
     if cfg.eval_tasks:
         eval_samples = load_samples(cfg.eval_tasks, cfg.include_path, cfg.eval_limit, cfg.seed)
-        results = evaluate(rt, GRPOController(policy, rt.question_summary), eval_samples, cfg.eval_budgets(), cfg.max_new_tokens)
+        results = evaluate(
+            rt, GRPOController(policy, rt.question_summary), eval_samples, cfg.eval_budgets(), cfg.max_new_tokens
+        )
         write_eval(results, run)
         print(eval_table(results))
     return run.artifact
@@ -326,7 +340,10 @@ def write_eval(results: Sequence[EvalResult], run: RunFolder) -> None:
 
 
 def eval_table(results: Sequence[EvalResult]) -> str:
-    lines = ["| task | budget ms | n | score | mean ms | p95 ms | violations | controller ms | plans |", "|---" * 9 + "|"]
+    lines = [
+        "| task | budget ms | n | score | mean ms | p95 ms | violations | controller ms | plans |",
+        "|---" * 9 + "|",
+    ]
     for r in results:
         plans = ", ".join(f"{k} x{n}" for k, n in list(r.plans.items())[:3])
         lines.append(
@@ -383,7 +400,9 @@ def load_settings(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
         try:
             values[name] = _convert(name, value, values[name])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"setting {name}={value!r}: expected a value like {getattr(defaults, name)!r} ({err})") from err
+            raise ValueError(
+                f"setting {name}={value!r}: expected a value like {getattr(defaults, name)!r} ({err})"
+            ) from err
     return TrainConfig(**values)
 
 
@@ -397,12 +416,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", type=Path, help="run folder (settings, state, logs, controller.json, eval)")
     p.add_argument("--config", type=Path, default=None, help="YAML file of settings (the names below, with _)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); not part of the run's settings")
+    p.add_argument(
+        "--device", default=None, help="cuda or cpu (default: cuda when available); not part of the run's settings"
+    )
     p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, help=f"(default {shown})")
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, help=f"(default {shown})"
+        )
     return p
 
 

@@ -20,11 +20,11 @@ from lmms_adaptive.train import MolmoeEnvironment, TrainConfig, load_settings, m
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = str(REPO / "tasks")
-SHORT = dict(
-    tasks=("synth_vqa_val", "synth_pope_val"), include_path=(TASKS,), limit=3, eval_tasks=("synth_pope_test",),
-    eval_limit=2, eval_budgets_ms=(150.0,), steps=3, group_size=2, requests_per_step=2, save_every=1,
-    max_new_tokens=8,
-)  # fmt: skip
+SHORT = {
+    "tasks": ("synth_vqa_val", "synth_pope_val"), "include_path": (TASKS,), "limit": 3,
+    "eval_tasks": ("synth_pope_test",), "eval_limit": 2, "eval_budgets_ms": (150.0,), "steps": 3, "group_size": 2,
+    "requests_per_step": 2, "save_every": 1, "max_new_tokens": 8,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,13 @@ def test_settings_defaults_yaml_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "grpo.yaml"
     path.write_text("steps: 7\ntasks: [synth_vqa_val]\nbudget_range_ms: [50, 250]\nlimit: null\nlr: 0.01\n")
     cfg = load_settings(path, {"steps": "9", "eval_budgets_ms": "100,200"})
-    assert (cfg.steps, cfg.tasks, cfg.budget_range_ms, cfg.limit, cfg.lr) == (9, ("synth_vqa_val",), (50.0, 250.0), None, 0.01)
+    assert (cfg.steps, cfg.tasks, cfg.budget_range_ms, cfg.limit, cfg.lr) == (
+        9,
+        ("synth_vqa_val",),
+        (50.0, 250.0),
+        None,
+        0.01,
+    )
     assert cfg.eval_budgets() == [100.0, 200.0]
     assert TrainConfig(budget_range_ms=(100.0, 400.0)).eval_budgets() == [100.0, 141.4, 200.0, 282.8, 400.0]
     assert cfg.grpo().budget_range_ms == (50.0, 250.0) and cfg.grpo().lr == 0.01
@@ -75,7 +81,9 @@ def test_environment_hidden_state_and_scored_runs(rt: AdaptiveMolmoe, lmms_env) 
     request = env.sample_request(torch.Generator().manual_seed(0), 120.0)
     assert request.budget_ms == 120.0 and request.question.shape == (rt.model.config.d_model,)
     token = torch.randn(rt.model.config.d_model)
-    processed = rt.processor(request.sample.context, request.sample.images, max_crops=6, style=task_style(request.sample.task, "auto"))
+    processed = rt.processor(
+        request.sample.context, request.sample.images, max_crops=6, style=task_style(request.sample.task, "auto")
+    )
     torch.testing.assert_close(request.stage2_hidden(6, 2, token), rt.latency_hidden(processed, 2, token))
     score, latency = env.run(request, Plan(max_crops=3, top_k=4, n_blocks=6, insert_pos=1))
     assert score in (0.0, 1.0) and latency > 0
@@ -123,7 +131,9 @@ def test_interrupted_run_resumes_without_lost_or_repeated_steps(
 
 
 @pytest.mark.slow
-def test_trained_artifact_through_the_plugin_and_report_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trained_artifact_through_the_plugin_and_report_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A short run's artifact under lmms-eval (controller=<artifact>), compared with static and lookup."""
     from lmms_adaptive.records import read_records
     from lmms_adaptive.report import main as report_main
@@ -142,6 +152,8 @@ def test_trained_artifact_through_the_plugin_and_report_compare(tmp_path: Path, 
     (records_file,) = (out / "runs" / "grpo@150" / "adaptive_molmoe").glob("*.jsonl")
     records = read_records(records_file)
     assert len(records) == 2 and all(r["controller"]["kind"] == "grpo" and r["budget_ms"] == 150.0 for r in records)
-    assert all(r["probe_ms"] > 0 and r["controller_ms"] > 0 and r["violated"] == (r["total_ms"] > 150.0) for r in records)
+    assert all(
+        r["probe_ms"] > 0 and r["controller_ms"] > 0 and r["violated"] == (r["total_ms"] > 150.0) for r in records
+    )
     mean_blocks = sum(r["plan"]["n_blocks"] for r in records) / 2
     assert float(rows["grpo"]["mean_blocks"]) == pytest.approx(mean_blocks)
