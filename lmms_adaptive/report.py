@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.report compare",
                                          description="Run lmms-eval per (controller, budget), then write the report.")  # fmt: skip
-        parser.add_argument("--controllers", required=True, help="comma-separated: static and/or NAME=ARTIFACT_FILE")
+        parser.add_argument("--controllers", required=True, help="comma-separated: static, lookup, grpo (the model's shipped artifacts) and/or NAME=ARTIFACT_FILE")
         parser.add_argument("--budgets", type=_floats, default=None,
                             help="comma-separated ms (default: 5 budgets spread over the --profile latencies)")  # fmt: skip
         parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")

@@ -162,6 +162,14 @@ def test_grpo_artifacts_are_found_per_model_and_refused_for_another(lmm_class, t
         make_lmm(lmm_class, f"controller={other},budget=120")
 
 
+@pytest.mark.parametrize("kind", ["lookup", "grpo"])
+def test_shipped_artifacts_are_made_for_the_shipped_default_model(lmm_class, kind):
+    """controllers/ holds a lookup table and a trained grpo policy for the embedded default: a retrained
+    default must come with new ones (their fingerprint is the model's)."""
+    lmm = make_lmm(lmm_class, f"controller={kind},budget=150")
+    assert lmm.controller.kind == kind
+
+
 def test_batch_size_string_is_accepted_and_logged(lmm_class, caplog):
     lmm = lmm_class.create_from_arg_string("warmup=false", {"batch_size": "4"})
     assert lmm.rt is not None
