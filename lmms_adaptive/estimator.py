@@ -3,17 +3,19 @@
     python -m lmms_adaptive.estimator fit PROFILE_DIR --out runs/estimator.json --holdout 0.2 --seed 0
     python -m lmms_adaptive.estimator evaluate runs/estimator.json PROFILE_DIR --plots runs/estimator_eval
 
-A controller asks `LatencyEstimator.predict(plan, n_crops, n_prompt_tokens, n_output_tokens)` for every
-candidate plan of a request, so prediction is a handful of float operations (microseconds, no numpy).
+A controller asks `LatencyEstimator.predict(plan, n_crops, n_prompt_tokens, n_output_tokens, image_pixels=...)`
+for every candidate plan of a request, so prediction is a handful of float operations (microseconds, no numpy).
 
-Notation: C = n_crops (ViT crops), L = n_prompt_tokens, B = n_blocks (active decoder blocks),
+Notation: C = n_crops (ViT crops), P = image_pixels / 1e6 (the source images' megapixels), L =
+n_prompt_tokens, B = n_blocks (active decoder blocks),
 K_sum = the MoE top-k summed over the active blocks. Blocks before `insert_pos` always run at the
 model's own top-k K (see `KnobSpace.schedule`), so K_sum = p * K + (B - p) * k for a plan with top-k k and
 insertion position p; K is `model_top_k` (by default the largest top-k in the fitted rows).
 
 Stage models (milliseconds; every coefficient is fitted non-negative, so a larger plan is never predicted
 to be faster than a smaller one, which is what a controller relies on when it walks the knob space):
-- preprocess: [1, C] (resizing and cropping are per crop);
+- preprocess: [1, C, P] (resizing the source image scales with its pixels, cropping and normalising with
+  the crops);
 - vision: [1, C] (the ViT runs once per crop, at batch size 1);
 - prefill: [1, B, B*L, K_sum*L, B*L^2]: per-block launches and expert weight reads (B), dense attention
   projections per token (B*L), the k experts each token runs through (K_sum*L), attention scores (B*L^2);
@@ -55,10 +57,10 @@ from .records import ProfileRow
 log = logging.getLogger(__name__)
 
 FORMAT = "lmms_adaptive.latency_estimator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: preprocess also scales with the source megapixels
 STAGES = ("preprocess", "vision", "prefill", "decode", "overhead")
 FEATURES: dict[str, tuple[str, ...]] = {
-    "preprocess": ("1", "C"),
+    "preprocess": ("1", "C", "P"),
     "vision": ("1", "C"),
     "prefill": ("1", "B", "B*L", "K_sum*L", "B*L^2"),
     "decode": ("1", "B", "K_sum", "B*c"),
@@ -72,6 +74,10 @@ GROUP_KNOBS = ("max_crops", "top_k", "n_blocks")
 
 
 # Feature functions: plain arithmetic, so they serve scalars (predict) and numpy arrays (fit) alike.
+def _preprocess_features(n_crops: Any, image_pixels: Any) -> tuple[Any, ...]:
+    return 1.0, n_crops, image_pixels / 1e6
+
+
 def _crop_features(n_crops: Any) -> tuple[Any, ...]:
     return 1.0, n_crops
 
@@ -174,16 +180,19 @@ class LatencyEstimator:
         """One decode forward whose context (prompt plus tokens so far, itself included) is `context_len`."""
         return self.decode.at(_decode_features(plan.n_blocks, self.k_sum(plan), context_len))
 
-    def predict(self, plan: Plan, n_crops: int, n_prompt_tokens: int, n_output_tokens: int) -> LatencyPrediction:
+    def predict(
+        self, plan: Plan, n_crops: int, n_prompt_tokens: int, n_output_tokens: int, *, image_pixels: int
+    ) -> LatencyPrediction:
         """Latency of a request that emits `n_output_tokens` tokens (counting a final EOS): the first comes
-        from prefill, each further one from a decode forward at context n_prompt_tokens + t, t = 1..n-1."""
+        from prefill, each further one from a decode forward at context n_prompt_tokens + t, t = 1..n-1.
+        `image_pixels`: height x width summed over the request's source images (0 without images)."""
         if n_output_tokens < 0:
             raise ValueError(f"n_output_tokens must be >= 0, got {n_output_tokens}")
         blocks, k_sum, prompt = plan.n_blocks, self.k_sum(plan), n_prompt_tokens
         steps = max(n_output_tokens - 1, 0)
         step_at_0 = self.decode.at(_decode_features(blocks, k_sum, 0))
         per_context = self.decode.at(_decode_features(blocks, k_sum, 1)) - step_at_0
-        preprocess = self.preprocess.at(_crop_features(n_crops))
+        preprocess = self.preprocess.at(_preprocess_features(n_crops, image_pixels))
         vision = self.vision.at(_crop_features(n_crops))
         prefill = self.prefill.at(_prefill_features(blocks, k_sum, prompt))
         decode = steps * step_at_0 + per_context * (steps * prompt + steps * (steps + 1) / 2)
@@ -307,7 +316,9 @@ def _observations(rows: Sequence[ProfileRow], model_top_k: int) -> dict[str, _Ob
         + np.bincount(step_row, weights=step_ms, minlength=len(rows))
     )
     return {
-        "preprocess": _Observations(_columns(_crop_features(crops)), col("preprocess_ms"), index),
+        "preprocess": _Observations(
+            _columns(_preprocess_features(crops, col("image_pixels"))), col("preprocess_ms"), index
+        ),
         "vision": _Observations(_columns(_crop_features(crops)), col("vision_ms"), index),
         "prefill": _Observations(_columns(_prefill_features(blocks, k_sum, prompt)), col("prefill_ms"), index),
         "decode": _Observations(
@@ -372,7 +383,8 @@ def _variety(rows: Sequence[ProfileRow]) -> str:
         seen = sorted({getattr(r, field) for r in rows})
         return f"{field} {seen}" if len(seen) <= 8 else f"{field} {seen[0]}..{seen[-1]} ({len(seen)} values)"
 
-    return ", ".join(values(f) for f in ("n_crops", "top_k", "n_blocks", "insert_pos", "n_prompt_tokens"))
+    fields = ("n_crops", "image_pixels", "top_k", "n_blocks", "insert_pos", "n_prompt_tokens")
+    return ", ".join(values(f) for f in fields)
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -449,7 +461,10 @@ def _compare(estimator: LatencyEstimator, rows: Sequence[ProfileRow]) -> dict[st
         name: _Comparison(obs[name].x @ np.array(getattr(estimator, name).coef), obs[name].y, obs[name].row)
         for name in ("preprocess", "vision", "prefill", "decode")
     }
-    total = [estimator.predict(r.plan, r.n_crops, r.n_prompt_tokens, len(r.decode_ms) + 1).total_ms for r in rows]
+    total = [
+        estimator.predict(r.plan, r.n_crops, r.n_prompt_tokens, len(r.decode_ms) + 1, image_pixels=r.image_pixels).total_ms
+        for r in rows
+    ]
     out["total"] = _Comparison(np.array(total), np.array([r.total_ms for r in rows]), np.arange(len(rows)))
     return out
 

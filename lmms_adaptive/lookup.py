@@ -54,7 +54,9 @@ class _Prediction(Protocol):
 
 
 class LatencyModel(Protocol):
-    def predict(self, plan: Plan, n_crops: int, n_prompt_tokens: int, n_output_tokens: int) -> _Prediction: ...
+    def predict(
+        self, plan: Plan, n_crops: int, n_prompt_tokens: int, n_output_tokens: int, *, image_pixels: int
+    ) -> _Prediction: ...
 
     def to_dict(self) -> dict[str, Any]: ...
 
@@ -253,7 +255,8 @@ def _entry(plan: Plan, rows: Sequence[ProfileRow], aggregation: str, latency_sta
 
 def predicted_latencies(table: LookupTable, estimator: LatencyModel, facts: RequestFacts) -> list[float]:
     """Each plan's predicted total latency for this request: its prompt tokens and crops at the plan's tier,
-    and the plan's mean profiled output length (rounded up) capped by the request's max_new_tokens."""
+    its images' pixels, and the plan's mean profiled output length (rounded up) capped by max_new_tokens."""
+    pixels = sum(h * w for h, w in facts.image_sizes)
     out = []
     for e in table.entries:
         tier = e.plan.max_crops
@@ -262,9 +265,8 @@ def predicted_latencies(table: LookupTable, estimator: LatencyModel, facts: Requ
                 f"request facts have no prompt tokens / crops for tier max_crops={tier} (have {sorted(facts.crops_per_tier)})"
             )
         n_out = min(math.ceil(e.mean_output_tokens), facts.max_new_tokens)
-        out.append(
-            estimator.predict(e.plan, facts.crops_per_tier[tier], facts.prompt_tokens_per_tier[tier], n_out).total_ms
-        )
+        crops, prompt = facts.crops_per_tier[tier], facts.prompt_tokens_per_tier[tier]
+        out.append(estimator.predict(e.plan, crops, prompt, n_out, image_pixels=pixels).total_ms)
     return out
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .lmms_plugin import DEFAULT_MAX_NEW_TOKENS, generation_config, task_style
 from .plan import KnobSpace, Plan
 from .records import ProfileRow, plan_key
-from .runtime import IMPORTANCE_FILE, AdaptiveMolmoe, GenerationConfig
+from .runtime import IMPORTANCE_FILE, AdaptiveMolmoe, GenerationConfig, image_size
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ def measure(
         preprocess_ms=median("preprocess_ms"), vision_ms=median("vision_ms"), prefill_ms=median("prefill_ms"),
         decode_ms=decode, total_ms=median("total_ms"), score=sample.score(out.text), answer=out.text,
         stop_reason=out.stop_reason, device=device_name(rt.device), model_fingerprint=rt.model_id, repeats=repeats,
+        image_pixels=sum(h * w for h, w in map(image_size, sample.images)),
     )  # fmt: skip
 
 

@@ -150,6 +150,7 @@ class ProfileRow:
     device: str
     model_fingerprint: str
     repeats: int = 1  # runs measured; each latency is their median
+    image_pixels: int = 0  # height x width summed over the source images (what resizing them costs)
     version: int = PROFILE_VERSION
 
     @property

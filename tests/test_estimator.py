@@ -27,7 +27,7 @@ from lmms_adaptive.records import ProfileRow
 MODEL_TOP_K = 8
 # The latency formula the synthetic rows follow, in the estimator's feature order (see FEATURES).
 TRUE = {
-    "preprocess": (2.0, 1.5),
+    "preprocess": (2.0, 1.5, 8.0),
     "vision": (3.0, 6.0),
     "prefill": (4.0, 0.8, 0.002, 0.0004, 1e-7),
     "decode": (3.0, 0.45, 0.02, 2e-5),
@@ -48,12 +48,14 @@ def make_row(**fields) -> ProfileRow:
     return ProfileRow(**defaults)
 
 
-def true_ms(stage: str, plan: Plan, n_crops: int = 0, context: int = 0) -> float:
+def true_ms(stage: str, plan: Plan, n_crops: int = 0, context: int = 0, pixels: int = 0) -> float:
     """The known formula, written out independently of the estimator's feature functions."""
     c = TRUE[stage]
     blocks, p = plan.n_blocks, plan.insert_pos
     k_sum = p * MODEL_TOP_K + (blocks - p) * plan.top_k
-    if stage in ("preprocess", "vision"):
+    if stage == "preprocess":
+        return c[0] + c[1] * n_crops + c[2] * pixels / 1e6
+    if stage == "vision":
         return c[0] + c[1] * n_crops
     if stage == "prefill":
         return c[0] + c[1] * blocks + c[2] * blocks * context + c[3] * k_sum * context + c[4] * blocks * context**2
@@ -75,13 +77,14 @@ def synthetic_rows(n_samples: int, plans_per_sample: int, noise: float, seed: in
     rows = []
     for doc in range(n_samples):
         image_crops, text = int(rng.integers(1, 13)), int(rng.integers(15, 60))
+        pixels = int(rng.integers(200, 1400)) * int(rng.integers(200, 1400))
         answer, eos = int(rng.integers(1, 20)), bool(rng.integers(0, 2))
         for i in rng.choice(len(plans), plans_per_sample, replace=False):
             plan = plans[i]
             n_crops = min(image_crops, plan.max_crops) + 1
             prompt = 144 * n_crops + text
             n_steps = answer if eos else answer - 1
-            stages = {s: noisy(true_ms(s, plan, n_crops, prompt)) for s in ("preprocess", "vision", "prefill")}
+            stages = {s: noisy(true_ms(s, plan, n_crops, prompt, pixels)) for s in ("preprocess", "vision", "prefill")}
             decode = [noisy(true_ms("decode", plan, context=prompt + t)) for t in range(1, n_steps + 1)]
             total = sum(stages.values()) + sum(decode) + TRUE["overhead"][0] * (n_steps + 1)
             rows.append(
@@ -92,6 +95,7 @@ def synthetic_rows(n_samples: int, plans_per_sample: int, noise: float, seed: in
                     n_blocks=plan.n_blocks,
                     insert_pos=plan.insert_pos,
                     n_crops=n_crops,
+                    image_pixels=pixels,
                     n_image_tokens=144 * n_crops,
                     n_text_tokens=text,
                     n_prompt_tokens=prompt,
@@ -120,7 +124,7 @@ def exact(exact_rows: list[ProfileRow]) -> LatencyEstimator:
 def hand_estimator() -> LatencyEstimator:
     """predict: preprocess = n_crops, vision = 1, prefill = 10, each decode step = 2, no overhead."""
     coef = {
-        "preprocess": [0, 1],
+        "preprocess": [0, 1, 0],
         "vision": [1, 0],
         "prefill": [10, 0, 0, 0, 0],
         "decode": [2, 0, 0, 0],
@@ -129,7 +133,7 @@ def hand_estimator() -> LatencyEstimator:
     return LatencyEstimator.from_dict(
         {
             "format": "lmms_adaptive.latency_estimator",
-            "version": 1,
+            "version": 2,
             "model_top_k": MODEL_TOP_K,
             "stages": {s: {"features": list(FEATURES[s]), "coef": coef[s]} for s in FEATURES},
             "metadata": {"device": "test-gpu", "model_fingerprint": "f00d", "n_rows": 2, "fitted_at": "now"},
@@ -147,9 +151,8 @@ def test_fit_recovers_the_formula_without_noise(exact: LatencyEstimator, exact_r
         np.testing.assert_allclose(getattr(exact, stage).coef, coef, rtol=1e-6, err_msg=stage)
     assert (exact.n_rows, exact.device, exact.model_fingerprint) == (len(exact_rows), "test-gpu", "f00d")
     row = exact_rows[0]
-    assert exact.predict(row.plan, row.n_crops, row.n_prompt_tokens, len(row.decode_ms) + 1).total_ms == pytest.approx(
-        row.total_ms, rel=1e-9
-    )
+    got = exact.predict(row.plan, row.n_crops, row.n_prompt_tokens, len(row.decode_ms) + 1, image_pixels=row.image_pixels)
+    assert got.total_ms == pytest.approx(row.total_ms, rel=1e-9)
 
 
 def test_held_out_errors_are_small_with_noise() -> None:
@@ -210,22 +213,23 @@ def test_fit_rejects_empty_mixed_and_uniform_rows(exact_rows: list[ProfileRow]) 
 @pytest.mark.parametrize("n_output_tokens", [0, 1, 2, 37])
 def test_closed_form_total_equals_the_explicit_sum(exact: LatencyEstimator, n_output_tokens: int) -> None:
     plan, n_crops, prompt = Plan(6, 5, 14, insert_pos=3), 7, 1020
-    got = exact.predict(plan, n_crops, prompt, n_output_tokens)
+    got = exact.predict(plan, n_crops, prompt, n_output_tokens, image_pixels=640 * 480)
     steps = range(1, max(n_output_tokens - 1, 0) + 1)
     decode = sum(exact.decode_step_ms(plan, prompt + t) for t in steps)
     assert got.decode_ms == pytest.approx(decode, rel=1e-12, abs=1e-12)
     assert got.prefill_ms == pytest.approx(true_ms("prefill", plan, context=prompt), rel=1e-6)
+    assert got.preprocess_ms == pytest.approx(true_ms("preprocess", plan, n_crops, pixels=640 * 480), rel=1e-6)
     assert got.overhead_ms == pytest.approx(TRUE["overhead"][0] * (len(steps) + 1), rel=1e-6)
     parts = got.preprocess_ms + got.vision_ms + got.prefill_ms + got.decode_ms + got.overhead_ms
     assert got.total_ms == pytest.approx(parts, rel=1e-12)
     with pytest.raises(ValueError, match="n_output_tokens"):
-        exact.predict(plan, n_crops, prompt, -1)
+        exact.predict(plan, n_crops, prompt, -1, image_pixels=0)
 
 
 def test_predict_is_fast(exact: LatencyEstimator) -> None:
     plan = Plan(12, 6, 15, insert_pos=2)
     calls = 2000
-    seconds = min(timeit.repeat(lambda: exact.predict(plan, 13, 1900, 64), number=calls, repeat=3)) / calls
+    seconds = min(timeit.repeat(lambda: exact.predict(plan, 13, 1900, 64, image_pixels=1280 * 720), number=calls, repeat=3)) / calls
     assert seconds < 50e-6
 
 

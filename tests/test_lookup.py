@@ -203,7 +203,10 @@ class FakeEstimator:
         self.model_fingerprint, self.device = model_fingerprint, device
         self.calls: list[tuple[Plan, int, int, int]] = []
 
-    def predict(self, plan: Plan, n_crops: int, n_prompt_tokens: int, n_output_tokens: int) -> FakePrediction:
+    def predict(
+        self, plan: Plan, n_crops: int, n_prompt_tokens: int, n_output_tokens: int, *, image_pixels: int
+    ) -> FakePrediction:
+        assert image_pixels == sum(h * w for h, w in SMALL_IMAGE.image_sizes)  # the request's own images
         self.calls.append((plan, n_crops, n_prompt_tokens, n_output_tokens))
         c, p, o = self.coef
         return FakePrediction(c * n_crops + p * n_prompt_tokens + o * n_output_tokens)
