@@ -462,7 +462,9 @@ def _compare(estimator: LatencyEstimator, rows: Sequence[ProfileRow]) -> dict[st
         for name in ("preprocess", "vision", "prefill", "decode")
     }
     total = [
-        estimator.predict(r.plan, r.n_crops, r.n_prompt_tokens, len(r.decode_ms) + 1, image_pixels=r.image_pixels).total_ms
+        estimator.predict(
+            r.plan, r.n_crops, r.n_prompt_tokens, len(r.decode_ms) + 1, image_pixels=r.image_pixels
+        ).total_ms
         for r in rows
     ]
     out["total"] = _Comparison(np.array(total), np.array([r.total_ms for r in rows]), np.arange(len(rows)))

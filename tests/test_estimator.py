@@ -151,7 +151,9 @@ def test_fit_recovers_the_formula_without_noise(exact: LatencyEstimator, exact_r
         np.testing.assert_allclose(getattr(exact, stage).coef, coef, rtol=1e-6, err_msg=stage)
     assert (exact.n_rows, exact.device, exact.model_fingerprint) == (len(exact_rows), "test-gpu", "f00d")
     row = exact_rows[0]
-    got = exact.predict(row.plan, row.n_crops, row.n_prompt_tokens, len(row.decode_ms) + 1, image_pixels=row.image_pixels)
+    got = exact.predict(
+        row.plan, row.n_crops, row.n_prompt_tokens, len(row.decode_ms) + 1, image_pixels=row.image_pixels
+    )
     assert got.total_ms == pytest.approx(row.total_ms, rel=1e-9)
 
 
@@ -229,7 +231,10 @@ def test_closed_form_total_equals_the_explicit_sum(exact: LatencyEstimator, n_ou
 def test_predict_is_fast(exact: LatencyEstimator) -> None:
     plan = Plan(12, 6, 15, insert_pos=2)
     calls = 2000
-    seconds = min(timeit.repeat(lambda: exact.predict(plan, 13, 1900, 64, image_pixels=1280 * 720), number=calls, repeat=3)) / calls
+    seconds = (
+        min(timeit.repeat(lambda: exact.predict(plan, 13, 1900, 64, image_pixels=1280 * 720), number=calls, repeat=3))
+        / calls
+    )
     assert seconds < 50e-6
 
 
@@ -286,8 +291,14 @@ def test_evaluate_matches_hand_computed_metrics() -> None:
     assert (ev["n_rows"], ev["n_samples"]) == (2, 2)
     prefill = ev["all"]["all"]["prefill"]  # predicted 10, 10 against 8, 12
     assert prefill == pytest.approx(
-        {"n": 2, "mae_ms": 2.0, "rmse_ms": 2.0, "mape_pct": (2 / 8 + 2 / 12) / 2 * 100,
-         "mdape_pct": (2 / 8 + 2 / 12) / 2 * 100, "r2": 0.0}
+        {
+            "n": 2,
+            "mae_ms": 2.0,
+            "rmse_ms": 2.0,
+            "mape_pct": (2 / 8 + 2 / 12) / 2 * 100,
+            "mdape_pct": (2 / 8 + 2 / 12) / 2 * 100,
+            "r2": 0.0,
+        }
     )
     decode = ev["all"]["all"]["decode"]  # predicted 2 per step against 2, 2.5, 1
     mean = (2.0 + 2.5 + 1.0) / 3
@@ -305,7 +316,9 @@ def test_evaluate_matches_hand_computed_metrics() -> None:
     assert total["mae_ms"] == pytest.approx((0.5 + 1.5) / 2)
     assert total["mape_pct"] == pytest.approx((0.5 / 16.5 + 1.5 / 18.5) / 2 * 100)
     tier3 = ev["by_max_crops"]["3"]
-    assert tier3["prefill"] == pytest.approx({"n": 1, "mae_ms": 2.0, "rmse_ms": 2.0, "mape_pct": 25.0, "mdape_pct": 25.0, "r2": None})
+    assert tier3["prefill"] == pytest.approx(
+        {"n": 1, "mae_ms": 2.0, "rmse_ms": 2.0, "mape_pct": 25.0, "mdape_pct": 25.0, "r2": None}
+    )
     assert tier3["decode"]["n"] == 2 and ev["by_max_crops"]["12"]["decode"]["n"] == 1
     assert set(ev["by_top_k"]) == {"8"} and set(ev["by_n_blocks"]) == {"16"}
     table = format_evaluation(ev, "tiny")
