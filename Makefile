@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= 2.13.0
 TASKS  ?= synth_vqa_test,synth_pope_test,textvqa_val_local,mme_local,pope_local
 OUT    ?= runs/demo
-MODEL_ARGS ?= controller=static,tier=medium,budget=1000
+MODEL_ARGS ?= controller=grpo,budget=200
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
