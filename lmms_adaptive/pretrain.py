@@ -16,12 +16,9 @@ in the real checkpoint format, weights in bf16).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -40,6 +37,7 @@ from .config import MolmoeConfig
 from .model import LayerSchedule, MolmoeForCausalLM
 from .plan import KnobSpace
 from .processor import MolmoeProcessor, ProcessedRequest
+from .runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
 from .runtime import AdaptiveMolmoe, GenerationConfig
 from .tiny import build_tiny
 
@@ -238,24 +236,12 @@ class RunDir:
     def prepare(self, cfg: PretrainConfig) -> None:
         """Create the run, or check that an existing one was started with the same config."""
         self.root.mkdir(parents=True, exist_ok=True)
-        wanted = asdict(cfg)
-        if self.config.is_file():
-            saved = json.loads(self.config.read_text())
-            differs = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-            if differs:
-                raise ValueError(
-                    f"{self.config} was written by a run with other settings (saved, asked): {differs}; "
-                    "use another OUT_DIR or the same flags"
-                )
-        else:
-            self.config.write_text(json.dumps(wanted, indent=2) + "\n")
+        check_settings(self.config, asdict(cfg))
         if not (self.init / "model.safetensors").is_file():
             build_tiny(self.init, seed=cfg.seed)
 
     def save_state(self, model: MolmoeForCausalLM, optimizer: torch.optim.Optimizer, step: int) -> None:
-        tmp = self.state.with_suffix(".tmp")
-        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
-        os.replace(tmp, self.state)  # atomic: an interrupted save keeps the previous state
+        save_atomic({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, self.state)
 
     def load_state(self, model: MolmoeForCausalLM, optimizer: torch.optim.Optimizer) -> int:
         """Restore the last saved step (0 if none) and drop log rows written after it."""
@@ -266,28 +252,9 @@ class RunDir:
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         for path in (self.metrics, self.eval):
-            _truncate_csv(path, step)
+            truncate_csv(path, step)
         log.info("resuming %s at step %d", self.root, step)
         return step
-
-
-def _truncate_csv(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    kept = [r for r in rows if int(r["step"]) < step]
-    if len(kept) != len(rows) and rows:
-        _write_rows(path, kept, list(rows[0]), mode="w")
-
-
-def _write_rows(path: Path, rows: list[dict], columns: list[str], mode: str = "a") -> None:
-    new = mode == "w" or not path.is_file()
-    with path.open(mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def export(model: MolmoeForCausalLM, init: Path, out: Path) -> Path:
@@ -305,20 +272,13 @@ def plot_curves(run: RunDir) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with run.metrics.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(run.metrics)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [int(r["step"]) for r in rows]
-    losses = np.array([float(r["loss"]) for r in rows])
-    window = max(1, len(losses) // 50)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax_loss.plot(steps, losses, alpha=0.3, label="loss")
-    ax_loss.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
+    losses = [float(r["loss"]) for r in rows]
+    plot_with_mean(ax_loss, [int(r["step"]) for r in rows], losses, max(1, len(losses) // 50), label="loss")
     ax_loss.set(xlabel="step", ylabel="answer cross-entropy", yscale="log", title="training loss")
-    ax_loss.legend()
     if run.eval.is_file():
-        with run.eval.open() as f:
-            evals = list(csv.DictReader(f))
+        evals = read_rows(run.eval)
         for key in sorted({(int(r["max_crops"]), r["qtype"]) for r in evals}):
             pts = [(int(r["step"]), float(r["accuracy"])) for r in evals if (int(r["max_crops"]), r["qtype"]) == key]
             ax_acc.plot(*zip(*pts, strict=True), marker="o", label=f"{key[1]} @ {key[0]} crops")
@@ -364,7 +324,7 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
             "top_k": plan.schedule.layers[-1][1], "n_blocks": len(plan.schedule.layers),
             "answer_tokens": batch.n_answer_tokens, "seconds": round(time.perf_counter() - began, 2),
         }  # fmt: skip
-        _write_rows(run.metrics, [row], list(row))
+        write_rows(run.metrics, [row], list(row))
         bar.set_postfix(loss=f"{value:.3f}", crops=plan.max_crops)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -372,7 +332,7 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
             accuracy = evaluate(runtime, val)
             model.train()
             rows = [{"step": step, "max_crops": c, "qtype": q, "accuracy": round(a, 4)} for (c, q), a in accuracy.items()]
-            _write_rows(run.eval, rows, list(rows[0]))
+            write_rows(run.eval, rows, list(rows[0]))
             log.info("step %d validation: %s", done, {f"{q}@{c}": round(a, 2) for (c, q), a in accuracy.items()})
         if done % cfg.save_every == 0 or done == cfg.steps:
             run.save_state(model, optimizer, done)

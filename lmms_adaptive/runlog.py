@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -58,3 +59,16 @@ def write_rows(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[
 def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+def plot_with_mean(
+    ax: Any, steps: Sequence[int], values: Sequence[float], window: int, label: str = "per step"
+) -> None:
+    """A noisy per-step curve, faint, with its running mean over `window` steps on top."""
+    values = np.asarray(values, dtype=float)
+    ax.plot(steps, values, alpha=0.3, label=label)
+    if len(values) >= window:
+        ax.plot(
+            steps[window - 1 :], np.convolve(values, np.ones(window) / window, mode="valid"), label=f"mean of {window}"
+        )
+    ax.legend(fontsize=7)

@@ -46,7 +46,7 @@ from .plan import DeferredPlan, Plan
 from .policy import GRPOController, PolicyDims, PolicyRequest, TwoStagePolicy, request_features
 from .profile import TaskSample, device_name, load_samples
 from .records import plan_key
-from .runlog import check_settings, read_rows, save_atomic, truncate_csv, write_rows
+from .runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
 from .runtime import AdaptiveMolmoe, GenerationConfig
 
 log = logging.getLogger(__name__)
@@ -253,16 +253,7 @@ def plot_curves(metrics: Path, out: Path) -> Path:
               ("violation_rate", "budget violation rate"))  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (column, label) in zip(axes, panels):
-        values = np.array([float(r[column]) for r in rows])
-        window = max(1, len(values) // 20)
-        ax.plot(steps, values, alpha=0.35)
-        if len(values) >= window:
-            ax.plot(
-                steps[window - 1 :],
-                np.convolve(values, np.ones(window) / window, mode="valid"),
-                label=f"mean of {window}",
-            )
-            ax.legend(fontsize=7)
+        plot_with_mean(ax, steps, [float(r[column]) for r in rows], max(1, len(rows) // 10))
         ax.set(xlabel="step", title=label)
     fig.suptitle("GRPO: sampled plans per step")
     fig.tight_layout()
