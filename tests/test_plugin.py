@@ -155,7 +155,8 @@ def test_grpo_artifacts_are_found_per_model_and_refused_for_another(lmm_class, t
     with pytest.raises(ValueError, match=r"\(grpo\) decides per budget: give budget=<ms per request>"):
         make_lmm(lmm_class, f"controller={good}")
     loaded = make_lmm(lmm_class, f"controller={good},budget=120")
-    assert isinstance(loaded.controller, GRPOController) and loaded.controller.describe()["budget_range_ms"] == [50.0, 500.0]
+    assert isinstance(loaded.controller, GRPOController)
+    assert loaded.controller.describe()["budget_range_ms"] == [50.0, 500.0]
     other = tmp_path / "other.json"
     other.write_text(json.dumps(policy.to_artifact("0123456789abcdef")))
     with pytest.raises(ValueError, match="was made for model 0123456789abcdef"):
@@ -181,7 +182,9 @@ def test_generation_kwargs_and_styles():
 
     gen = generation_config({"until": "ASSISTANT:", "temperature": 0}, 7)
     assert (gen.stop, gen.max_new_tokens, gen.do_sample) == (("ASSISTANT:",), 7, False)
-    gen = generation_config({"until": ["\n\n"], "max_new_tokens": 3, "temperature": 0.7, "do_sample": True, "top_p": 0.9}, 7)
+    gen = generation_config(
+        {"until": ["\n\n"], "max_new_tokens": 3, "temperature": 0.7, "do_sample": True, "top_p": 0.9}, 7
+    )
     assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_p) == (3, True, 0.7, 0.9)
     assert task_style("textvqa_val_local", "auto") == "text_vqa"
     assert task_style("pope", "auto") == "vqa2"
@@ -252,3 +255,18 @@ def test_builtin_controller_names_find_this_models_artifact(tmp_path):
     (tmp_path / "d_mine.json").write_text(json.dumps({"kind": "lookup", "model_fingerprint": "mine"}))
     assert find_artifact("lookup", "mine", [tmp_path / "missing", tmp_path]) == tmp_path / "d_mine.json"
     assert find_artifact("grpo", "mine", [tmp_path]) is None
+
+
+def test_results_floors(tmp_path, capsys):
+    from lmms_adaptive.results import main as results_main
+
+    (tmp_path / "x_results.json").write_text(
+        json.dumps({"results": {"t": {"exact_match,none": 0.4, "exact_match_stderr,none": 0.1}}})
+    )
+    assert results_main([str(tmp_path), "--tasks", "t", "--floor", "t:exact_match=0.35"]) == 0
+    assert results_main([str(tmp_path), "--tasks", "t", "--floor", "t:exact_match=0.45"]) == 1
+    assert "t exact_match = 0.4000 < floor 0.45" in capsys.readouterr().err
+    assert results_main([str(tmp_path), "--tasks", "t", "--floor", "t:accuracy=0.1"]) == 1
+    assert "t has no metric 'accuracy'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        results_main([str(tmp_path), "--tasks", "t", "--floor", "t=0.1"])
