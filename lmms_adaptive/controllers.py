@@ -8,15 +8,16 @@ The interface has the two decision points of the design:
   and returns the complete plan (top-k and active blocks). Only two-stage controllers implement it; their
   stage 1 returns the latency-token embedding for the runtime to insert (see `plan.DeferredPlan`).
 
-`static` and `lookup` decide everything at stage 1, `grpo` (`policy.GRPOController`) uses both. Controller artifacts are self-describing JSON files
-(`kind`, `model_fingerprint`, `knob_space`, ...) and refuse to load for another model.
+`static` and `lookup` decide everything at stage 1, `grpo` (`policy.GRPOController`) uses both.
+Controller artifacts are self-describing JSON files (`kind`, `model_fingerprint`, `knob_space`, ...) and
+refuse to load for another model.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +42,7 @@ class RequestFacts:
     text_tokens: int
     max_new_tokens: int
     task: str | None = None
+    question_ids: tuple[int, ...] = ()  # the question's token ids under the model's tokenizer
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ def stage1_decision(controller: Controller, facts: RequestFacts) -> Plan | Defer
         return first.plan
     if first.latency_token is None:
         raise RuntimeError(f"controller {controller.kind!r} gave neither a plan nor a latency token at stage 1")
-    return DeferredPlan(first.max_crops, first.insert_pos, first.latency_token, partial(controller.stage2, facts, first))
+    return DeferredPlan(
+        first.max_crops, first.insert_pos, first.latency_token, partial(controller.stage2, facts, first)
+    )
 
 
 class ArtifactError(ValueError):
@@ -114,7 +118,9 @@ def read_artifact(path: str | Path, model_fingerprint: str, knobs: KnobSpace) ->
         )
     expected = knob_space_json(knobs)
     if artifact["knob_space"] != expected:
-        raise ArtifactError(f"controller artifact {path}: its knob space {artifact['knob_space']} differs from the model's {expected}")
+        raise ArtifactError(
+            f"controller artifact {path}: its knob space {artifact['knob_space']} differs from the model's {expected}"
+        )
     return artifact
 
 
@@ -130,7 +136,11 @@ def find_artifact(kind: str, model_fingerprint: str, folders: list[Path]) -> Pat
                 head = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if isinstance(head, dict) and head.get("kind") == kind and head.get("model_fingerprint") == model_fingerprint:
+            if (
+                isinstance(head, dict)
+                and head.get("kind") == kind
+                and head.get("model_fingerprint") == model_fingerprint
+            ):
                 return path
     return None
 
@@ -141,14 +151,19 @@ def knob_space_json(knobs: KnobSpace) -> dict[str, Any]:
 
 
 def static_artifact(plan: Plan, model_fingerprint: str, knobs: KnobSpace) -> dict[str, Any]:
-    return {"kind": "static", "model_fingerprint": model_fingerprint, "knob_space": knob_space_json(knobs), "plan": plan.to_dict()}
+    return {
+        "kind": "static",
+        "model_fingerprint": model_fingerprint,
+        "knob_space": knob_space_json(knobs),
+        "plan": plan.to_dict(),
+    }
 
 
 def load_controller(
-    artifact: dict[str, Any], knobs: KnobSpace, question_summary: Callable[[str], Tensor] | None = None
+    artifact: dict[str, Any], knobs: KnobSpace, question_summary: Callable[[Sequence[int]], Tensor] | None = None
 ) -> Controller:
-    """The controller of a (checked) artifact. `question_summary` (the model's question -> mean token
-    embedding) is what a grpo policy's stage 1 reads."""
+    """The controller of a (checked) artifact. `question_summary` (the model's question token ids -> mean
+    token embedding) is what a grpo policy's stage 1 reads."""
     kind = artifact["kind"]
     if kind == "static":
         return StaticController(Plan(**artifact["plan"]), knobs)
@@ -162,4 +177,6 @@ def load_controller(
         if question_summary is None:
             raise ValueError("a grpo controller needs the model's question_summary")
         return GRPOController(TwoStagePolicy.from_artifact(artifact, knobs), question_summary)
-    raise ArtifactError(f"controller artifact of kind {kind!r} is not supported by this version (known: {', '.join(BUILTIN_CONTROLLERS)})")
+    raise ArtifactError(
+        f"controller artifact of kind {kind!r} is not supported by this version (known: {', '.join(BUILTIN_CONTROLLERS)})"
+    )

@@ -237,9 +237,6 @@ class AdaptiveMolmoeLMM(lmms):
                 continuation = continuation[0]
             decision, _ = self._decide(self.rt.request_facts(context, images, self.budget, 0, task))
             prepared = self.rt.processor(context, images, max_crops=decision.max_crops, style=task_style(task, self.style))
-            if isinstance(decision, DeferredPlan):
-                hidden = self.rt.latency_hidden(prepared, decision.insert_pos, decision.latency_token, decision.renormalize)
-                decision = decision.complete(hidden)
             results.append(self.rt.score(prepared, self.rt.processor.encode_text(str(continuation)), decision))
         return results
 

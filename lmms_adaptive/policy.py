@@ -565,7 +565,7 @@ class GRPOController(Controller):
 
     kind = "grpo"
 
-    def __init__(self, policy: TwoStagePolicy, question_summary: Callable[[str], Tensor]) -> None:
+    def __init__(self, policy: TwoStagePolicy, question_summary: Callable[[Sequence[int]], Tensor]) -> None:
         self.policy = policy.eval()
         self.question_summary = question_summary
         self._tokens: dict[float, Tensor] = {}
@@ -573,12 +573,13 @@ class GRPOController(Controller):
     def stage1(self, facts: RequestFacts) -> Stage1:
         token = self._token(facts)
         features = request_features(facts, self.policy.knobs)
-        max_crops, insert_pos = self.policy.greedy_stage1(token, self.question_summary(facts.question), features)
+        question = self.question_summary(facts.question_ids)
+        max_crops, insert_pos = self.policy.greedy_stage1(token, question, features)
         return Stage1(max_crops, insert_pos, latency_token=token)
 
     def stage2(self, facts: RequestFacts, first: Stage1, hidden: Tensor) -> Plan:
         features = request_features(facts, self.policy.knobs)
-        return self.policy.greedy_stage2(self._token(facts), hidden, features, first.max_crops, first.insert_pos)
+        return self.policy.greedy_stage2(first.latency_token, hidden, features, first.max_crops, first.insert_pos)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "budget_range_ms": list(self.policy.budget_range_ms)}

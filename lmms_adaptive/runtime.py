@@ -200,11 +200,14 @@ class AdaptiveMolmoe:
         features, idx = self.vision(request)
         return self.model.embed(ids, features, idx)
 
-    def _run_head(self, x: Tensor, insert_pos: int, renormalize: bool, cache: KVCache) -> Tensor:
+    def _run_head(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], insert_pos: int, renormalize: bool, cache: KVCache
+    ) -> Tensor:
         """Blocks 0..p-1 (every plan with this insertion position runs them) over the prompt x [1, n, D]."""
-        head = self.knobs.head_layers(insert_pos)
-        rope = self.model.rope(torch.arange(x.shape[1], device=self.device)[None])
-        return self.model.run_blocks(x, rope, head, renormalize, cache)
+        return self.model.run_blocks(x, rope, self.knobs.head_layers(insert_pos), renormalize, cache)
+
+    def _prompt_rope(self, n_prompt: int) -> tuple[Tensor, Tensor]:
+        return self.model.rope(torch.arange(n_prompt, device=self.device)[None])
 
     def _probe(
         self, latency_token: Tensor, insert_pos: int, renormalize: bool, cache: KVCache, n_prompt: int
@@ -224,8 +227,14 @@ class AdaptiveMolmoe:
         """What stage 2 sees for this request and stage-1 decision, without generating (GRPO training)."""
         x = self._embed_prompt(request)
         cache = self.model.new_cache(x.shape[1] + 1)
-        self._run_head(x, insert_pos, renormalize, cache)
+        self._run_head(x, self._prompt_rope(x.shape[1]), insert_pos, renormalize, cache)
         return self._probe(latency_token, insert_pos, renormalize, cache, x.shape[1])
+
+    def complete(self, request: ProcessedRequest, plan: Plan | DeferredPlan) -> Plan:
+        """The complete plan: a Plan as it is, a DeferredPlan decided on this request's latency-token probe."""
+        if isinstance(plan, Plan):
+            return plan
+        return plan.complete(self.latency_hidden(request, plan.insert_pos, plan.latency_token, plan.renormalize))
 
     @torch.inference_mode()
     def run(
@@ -249,19 +258,18 @@ class AdaptiveMolmoe:
         timings.vision_ms = t1 - t0
 
         n_prompt = x.shape[1]
+        rope = self._prompt_rope(n_prompt)
         cache = model.new_cache(n_prompt + gen.max_new_tokens)
         done = 0  # schedule entries already run over the prompt
         if isinstance(plan, DeferredPlan):
-            x = self._run_head(x, plan.insert_pos, plan.renormalize, cache)
+            x = self._run_head(x, rope, plan.insert_pos, plan.renormalize, cache)
             t_head = clock.now()
             hidden = self._probe(plan.latency_token, plan.insert_pos, plan.renormalize, cache, n_prompt)
             t_probe = clock.now()
             plan, done = plan.complete(hidden), plan.insert_pos
             timings.probe_ms, timings.stage2_ms = t_probe - t_head, clock.now() - t_probe
         schedule = schedule or self.schedule(plan)
-        x = model.run_blocks(
-            x, model.rope(torch.arange(n_prompt, device=dev)[None]), schedule.layers[done:], schedule.renormalize, cache
-        )
+        x = model.run_blocks(x, rope, schedule.layers[done:], schedule.renormalize, cache)
         cache.length = n_prompt
         logits = model.logits(model.final_norm(x)[0, -1]).float()
         t2 = clock.now()
@@ -311,9 +319,11 @@ class AdaptiveMolmoe:
         )
 
     @torch.inference_mode()
-    def score(self, request: ProcessedRequest, continuation: Sequence[int], plan: Plan) -> tuple[float, bool]:
+    def score(
+        self, request: ProcessedRequest, continuation: Sequence[int], plan: Plan | DeferredPlan
+    ) -> tuple[float, bool]:
         """Log-probability of `continuation` token ids after the request's prompt, and whether greedy decoding
-        would produce exactly them (lmms-eval's `loglikelihood`)."""
+        would produce exactly them (lmms-eval's `loglikelihood`), under `plan` (a DeferredPlan: `complete`)."""
         if not continuation:
             raise ValueError("score: the continuation is empty")
         model, dev = self.model, self.device
@@ -322,7 +332,8 @@ class AdaptiveMolmoe:
         )[None]
         features, idx = self.vision(request)
         positions = torch.arange(ids.shape[1], device=dev)[None]
-        hidden = model.decode_layers(model.embed(ids, features, idx), positions, self.schedule(plan))
+        schedule = self.schedule(self.complete(request, plan))
+        hidden = model.decode_layers(model.embed(ids, features, idx), positions, schedule)
         n = len(continuation)
         logprobs = torch.log_softmax(model.logits(hidden[0, -n - 1 : -1]).float(), dim=-1)
         target = ids[0, -n:]
@@ -341,16 +352,19 @@ class AdaptiveMolmoe:
         (from the image sizes alone), the question's token count and the generation length."""
         vision = self.processor.vision
         sizes = tuple(image_size(im) for im in images)
-        text_tokens = len(self.processor.encode_text(question)) + 1
+        question_ids = tuple(self.processor.encode_text(question))
+        text_tokens = len(question_ids) + 1
         per_tier = {
             c: text_tokens + sum(image_token_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers
         }
         crops = {c: sum(crop_count(h, w, c, vision) for h, w in sizes) for c in self.knobs.tiers}
-        return RequestFacts(budget_ms, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task)
+        return RequestFacts(
+            budget_ms, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task, question_ids
+        )
 
-    def question_summary(self, question: str) -> Tensor:
-        """The question's mean token embedding under the model's own tokenizer and table (stage-1 input)."""
-        return question_summary(self.processor.encode_text(question), self.model.model.transformer.wte.embedding).cpu()
+    def question_summary(self, question_ids: Sequence[int]) -> Tensor:
+        """The question's mean token embedding in the model's own table (stage-1 input)."""
+        return question_summary(question_ids, self.model.model.transformer.wte.embedding).cpu()
 
     def warmup(self, plans: Sequence[Plan] | None = None, steps: int = 2) -> None:
         """Run throw-away requests so first-call costs (allocations, kernel selection) are not timed."""

@@ -145,7 +145,7 @@ class MolmoeEnvironment:
         facts = self.rt.request_facts(sample.context, sample.images, budget_ms, gen.max_new_tokens, sample.task)
         return TaskRequest(
             budget_ms=budget_ms,
-            question=self.rt.question_summary(sample.context),
+            question=self.rt.question_summary(facts.question_ids),
             features=request_features(facts, self.rt.knobs),
             stage2_hidden=partial(self._stage2_hidden, sample),
             sample=sample,
@@ -349,29 +349,28 @@ def eval_table(results: Sequence[EvalResult]) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _convert(name: str, value: Any, default: Any) -> Any:
-    """A YAML or command-line value of field `name`, as the type of its default."""
+def _convert(kind: str, value: Any) -> Any:
+    """A YAML or command-line value as the field type `kind` (TrainConfig's annotations, e.g. "int | None",
+    "tuple[float, ...]"): None / "none" / "" clear an optional field or empty a list."""
+    optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if name in ("pretrained", "limit", "eval_limit"):
+        if optional:
             return None
-        if isinstance(default, tuple):
+        if base.startswith("tuple["):
             return ()
-        raise ValueError(f"setting {name}: a value is required")
-    if isinstance(default, tuple):
+        raise ValueError("a value is required")
+    if base.startswith("tuple["):
+        item = float if base.startswith("tuple[float") else str
         items = value.split(",") if isinstance(value, str) else list(value)
-        kind = float if name.endswith("_ms") else str
-        return tuple(kind(str(v).strip()) for v in items if str(v).strip())
-    if name in ("limit", "eval_limit"):
-        return int(value)
-    if isinstance(default, bool) or default is None:
-        return str(value)
-    return type(default)(value)
+        return tuple(item(str(v).strip()) for v in items if str(v).strip())
+    return {"int": int, "float": float, "str": str}[base](value)
 
 
 def load_settings(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """The run's settings: TrainConfig defaults, then a YAML mapping of field names, then flags given."""
     defaults = TrainConfig()
     values = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
     given: dict[str, Any] = {}
     if path is not None:
         import yaml
@@ -389,7 +388,7 @@ def load_settings(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     given.update(overrides)
     for name, value in given.items():
         try:
-            values[name] = _convert(name, value, values[name])
+            values[name] = _convert(kinds[name], value)
         except (TypeError, ValueError) as err:
             raise ValueError(
                 f"setting {name}={value!r}: expected a value like {getattr(defaults, name)!r} ({err})"
