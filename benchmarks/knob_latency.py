@@ -11,7 +11,9 @@ on a 2-core CPU in minutes, `tiny` the package's tiny test model.
 For each plan it reports the median over repeats of vision, prefill, per-token decode (median of the
 per-token list of one request) and end-to-end total latency, and the ratios of decode and total to the
 full plan (highest tier, model top-k, all blocks) of the same image. `--reference` adds the full plan run
-through the per-expert loop of the original implementation, so speed-ups are measured side by side. On
+through the per-expert loop of the original implementation, so speed-ups are measured side by side;
+`--compile` adds every plan again with the decode step under torch.compile (CUDA graphs on a GPU; each
+plan compiles during the warm-up, which takes a while on a CPU). On
 CUDA each row also gets its memory-bandwidth floor: the weight bytes one decode token must read divided
 by `--peak-gbps`.
 """
@@ -68,7 +70,7 @@ class Row:
     dtype: str
     torch_version: str
     image: str
-    impl: str  # "fast" or "reference" (the original per-expert loop)
+    impl: str  # "fast", "compiled" (decode step under torch.compile) or "reference" (per-expert loop)
     max_crops: int
     top_k: int
     active_blocks: int
@@ -195,7 +197,10 @@ def parse_size(spec: str) -> tuple[int, int]:
     return width, height
 
 
-def run_once(rt: AdaptiveMolmoe, image: np.ndarray, case: Case, new_tokens: int):
+def run_once(runtimes: dict[str, AdaptiveMolmoe], image: np.ndarray, case: Case, new_tokens: int):
+    """Generate with the runtime of the case's implementation ("reference" is the fast runtime with the
+    original per-expert MoE loop switched on)."""
+    rt = runtimes[case.impl]
     rt.model.set_reference_moe(case.impl == "reference")
     try:
         return rt.generate(QUESTION, [image], case.plan, GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False))
@@ -204,19 +209,24 @@ def run_once(rt: AdaptiveMolmoe, image: np.ndarray, case: Case, new_tokens: int)
 
 
 def measure(
-    rt: AdaptiveMolmoe, images: dict[str, np.ndarray], cases: list[Case], new_tokens: int, repeats: int, warmup: int
+    runtimes: dict[str, AdaptiveMolmoe],
+    images: dict[str, np.ndarray],
+    cases: list[Case],
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
 ) -> dict[Case, list]:
     """Warm every case up, then time `repeats` passes over all cases (interleaved, so slow drifts of the
     machine spread over all plans instead of biasing some)."""
     for _ in range(warmup):
         for case in tqdm(cases, desc="warm-up", unit="plan", leave=False):
-            run_once(rt, images[case.image], case, min(2, new_tokens))
+            run_once(runtimes, images[case.image], case, min(2, new_tokens))
     runs: dict[Case, list] = {case: [] for case in cases}
     with tqdm(total=len(cases) * repeats, desc="plans", unit="run") as bar:
         for rep in range(repeats):
             bar.set_postfix_str(f"pass {rep + 1}/{repeats}")
             for case in cases:
-                runs[case].append(run_once(rt, images[case.image], case, new_tokens))
+                runs[case].append(run_once(runtimes, images[case.image], case, new_tokens))
                 bar.update()
     return runs
 
@@ -263,7 +273,9 @@ def add_ratios(rows: list[Row], full: Plan) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_cases(rt: AdaptiveMolmoe, images: Sequence[str], tiers, top_ks, blocks, reference: bool) -> list[Case]:
+def build_cases(
+    rt: AdaptiveMolmoe, images: Sequence[str], tiers, top_ks, blocks, reference: bool, compiled: bool
+) -> list[Case]:
     knobs = rt.knobs
     tiers = tiers or knobs.tiers
     top_ks = top_ks or knobs.top_k_options
@@ -280,6 +292,8 @@ def build_cases(rt: AdaptiveMolmoe, images: Sequence[str], tiers, top_ks, blocks
     cases = [Case(image, plan) for image in images for plan in plans]
     if reference:
         cases += [Case(image, full, "reference") for image in images]
+    if compiled:
+        cases += [Case(image, plan, "compiled") for image in images for plan in plans]
     return cases
 
 
@@ -374,6 +388,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--reference", action="store_true", help="also time the full plan with the original per-expert MoE loop"
     )
     p.add_argument(
+        "--compile", action="store_true", help="also time every plan with the decode step under torch.compile"
+    )
+    p.add_argument(
         "--peak-gbps",
         type=float,
         default=H100_SXM_GBPS,
@@ -414,7 +431,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     dtype = resolve_dtype(args.dtype, device)
     rt = build_runtime(args.size, device, dtype, args.seed)
     images = {spec: synthetic_image(spec, args.seed) for spec in args.image}
-    cases = build_cases(rt, args.image, args.tiers, args.top_k, args.blocks, args.reference)
+    cases = build_cases(rt, args.image, args.tiers, args.top_k, args.blocks, args.reference, args.compile)
+    runtimes = {"fast": rt, "reference": rt, "compiled": AdaptiveMolmoe(rt.model, rt.processor, compile_decode=True)}
     log.info(
         "%d plans x %d repeats (+%d warm-up passes), %d new tokens each",
         len(cases),
@@ -424,7 +442,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
 
     with logging_redirect_tqdm():
-        runs = measure(rt, images, cases, args.new_tokens, args.repeats, args.warmup)
+        runs = measure(runtimes, images, cases, args.new_tokens, args.repeats, args.warmup)
 
     meta = {
         "size": args.size,

@@ -201,7 +201,10 @@ class KVCache:
     """Keys/values of one request, preallocated to `max_len` per block on the block's first write: blocks a
     plan skips get none, and a plan decided at block p (stage 2) needs no block list up front."""
 
+    BUCKET = 128  # capacity rounds up to a multiple of this: decode shapes repeat across requests
+
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor):
+        max_len = -(-max_len // self.BUCKET) * self.BUCKET
         self.shape = (batch, n_heads, max_len, head_dim)
         self.dtype, self.device = like.dtype, like.device
         self.k: dict[int, Tensor] = {}
@@ -209,8 +212,18 @@ class KVCache:
         self.length = 0  # positions held for every block that has run (the next token's position)
         self.max_len = max_len
 
-    def update(self, block: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end."""
+    def visible(self, position: Tensor) -> Tensor:
+        """[1, 1, 1, max_len] attention mask of a decode token at `position` [1]: every slot up to it."""
+        return (torch.arange(self.max_len, device=position.device) <= position)[None, None, None]
+
+    def update(self, block: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end.
+        A tensor `start` ([1], one decode token) writes without a host sync and returns the whole buffers,
+        for `MolmoeForCausalLM.decode_token`'s static shapes (its mask hides the positions after it)."""
+        if isinstance(start, Tensor):
+            self.k[block].index_copy_(2, start, k)
+            self.v[block].index_copy_(2, start, v)
+            return self.k[block], self.v[block]
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -234,7 +247,13 @@ class Attention(nn.Module):
         self.attn_out = nn.Linear(d, d, bias=False)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None, start: int, block: int
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: KVCache | None,
+        start: int | Tensor,
+        block: int,
     ) -> Tensor:
         """With a cache, the chunk's keys/values are written at positions `start`.. and it attends to all before."""
         q, k, v = self.att_proj(self.attn_norm(x)).chunk(3, dim=-1)
@@ -243,7 +262,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(block, start, k, v)
-        if mask is None and start > 0 and q.shape[2] > 1:  # a chunk after cached tokens: offset causal mask
+        if mask is None and q.shape[2] > 1 and start > 0:  # a chunk after cached tokens: offset causal mask
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=start)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
@@ -344,7 +363,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MoE(config)
 
-    def forward(self, x, rope, mask, cache, start: int, block: int, top_k: int, renormalize: bool) -> Tensor:
+    def forward(self, x, rope, mask, cache, start: int | Tensor, block: int, top_k: int, renormalize: bool) -> Tensor:
         x = x + self.attn(x, rope, mask, cache, start, block)
         return x + self.mlp(x, top_k, renormalize)
 
@@ -413,7 +432,9 @@ class MolmoeForCausalLM(nn.Module):
         """Vision stage: [T, 576, 588] crops -> [T, 144, d_model] features to add to the prompt."""
         return self.model.vision_backbone(images.to(self.lm_head.weight.dtype), image_masks)
 
-    def embed(self, input_ids: Tensor, image_features: Tensor | None = None, image_input_idx: Tensor | None = None) -> Tensor:
+    def embed(
+        self, input_ids: Tensor, image_features: Tensor | None = None, image_input_idx: Tensor | None = None
+    ) -> Tensor:
         """Token embeddings [B, L, D] with image features ADDED at their `<im_patch>` positions."""
         x = self.model.transformer.wte(input_ids)
         if image_features is not None:
@@ -453,7 +474,9 @@ class MolmoeForCausalLM(nn.Module):
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             mask = (causal[None] & attention_mask[:, None, :])[:, None]
         start = cache.length if cache is not None else 0
-        x = self.run_blocks(x, self.rope(positions), schedule.layers, schedule.renormalize, cache, start, mask, on_block)
+        x = self.run_blocks(
+            x, self.rope(positions), schedule.layers, schedule.renormalize, cache, start, mask, on_block
+        )
         if cache is not None:
             cache.length += x.shape[1]
         return self.final_norm(x)
@@ -465,7 +488,7 @@ class MolmoeForCausalLM(nn.Module):
         layers: Sequence[tuple[int, int]],
         renormalize: bool,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | Tensor = 0,
         mask: Tensor | None = None,
         on_block: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
@@ -479,6 +502,16 @@ class MolmoeForCausalLM(nn.Module):
             if on_block is not None:
                 on_block(index, x_in, x)
         return x
+
+    def decode_token(self, x: Tensor, position: Tensor, schedule: LayerSchedule, cache: KVCache) -> Tensor:
+        """One batch-1 decode step: the embedded token x [1, 1, D] at `position` [1] (int64) -> next-token
+        logits [vocab] in float32; the token's keys/values go into `cache` (which the caller advances).
+        Every shape is independent of the position (the step attends to the whole cache buffer under
+        `cache.visible`), so `torch.compile` traces it once per schedule and cache size, and on CUDA its
+        "reduce-overhead" mode replays it as a CUDA graph."""
+        rope = self.rope(position[None])
+        x = self.run_blocks(x, rope, schedule.layers, schedule.renormalize, cache, position, cache.visible(position))
+        return self.logits(self.final_norm(x)[0, -1]).float()
 
     def final_norm(self, x: Tensor) -> Tensor:
         return self.model.transformer.ln_f(x)

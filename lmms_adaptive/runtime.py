@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,10 @@ class AdaptiveMolmoe:
         drop_order: Sequence[int] | None = None,
         model_id: str = "",
         folder: Path | None = None,
+        compile_decode: bool = False,
     ) -> None:
+        """`compile_decode` runs each decode step through `torch.compile` (one graph per plan schedule and
+        cache size, compiled on first use; CUDA graphs on a GPU): faster steps after a warm-up per shape."""
         self.model = model
         self.folder = folder
         self.processor = processor
@@ -143,10 +146,15 @@ class AdaptiveMolmoe:
         self.model_id = model_id
         self.device = model.lm_head.weight.device
         self.clock = Clock(self.device)
+        self.decode_token = compiled_decode(model) if compile_decode else model.decode_token
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path | None = None, device: str | None = None, dtype: str | torch.dtype | None = None
+        cls,
+        folder: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        compile_decode: bool = False,
     ) -> AdaptiveMolmoe:
         """Load a checkpoint folder (default: the built-in tiny model, built on first use)."""
         if folder is None:
@@ -159,7 +167,7 @@ class AdaptiveMolmoe:
         processor = MolmoeProcessor.from_pretrained(folder)
         model_id = fingerprint(folder)
         log.info("loaded %s on %s (%s)", folder, device, torch_dtype)
-        return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder))
+        return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder), compile_decode)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -296,9 +304,9 @@ class AdaptiveMolmoe:
             if len(tokens) >= gen.max_new_tokens:
                 break
             t_step = clock.now()
-            position = torch.tensor([[cache.length]], device=dev)
-            hidden = model.decode_layers(model.embed(torch.tensor([[token]], device=dev)), position, schedule, cache)
-            logits = model.logits(hidden[0, -1]).float()
+            position = torch.tensor([cache.length], device=dev)
+            logits = self.decode_token(model.embed(torch.tensor([[token]], device=dev)), position, schedule, cache)
+            cache.length += 1
             if step_logits is not None:
                 step_logits.append(logits.cpu())
             timings.decode_ms.append(clock.now() - t_step)
@@ -371,6 +379,14 @@ class AdaptiveMolmoe:
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
         for plan in plans or [self.knobs.full_plan(self.knobs.tiers[0])]:
             self.generate("warm up", [image], plan, GenerationConfig(max_new_tokens=steps, stop_at_eos=False))
+
+
+def compiled_decode(model: MolmoeForCausalLM) -> Callable[..., Tensor]:
+    """`model.decode_token` under torch.compile: fullgraph (a graph break would silently cost the speed-up),
+    CUDA graphs on a GPU ("reduce-overhead"), and room for one graph per plan schedule and cache size."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else "default"
+    return torch.compile(model.decode_token, mode=mode, fullgraph=True, dynamic=False)
 
 
 IMPORTANCE_FILE = "block_importance.json"

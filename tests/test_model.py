@@ -20,7 +20,7 @@ from safetensors import safe_open
 import lmms_adaptive
 from lmms_adaptive.checkpoint import iter_tensors, load_model, write_safetensors
 from lmms_adaptive.config import ConfigError, MolmoeConfig
-from lmms_adaptive.model import Experts, LayerSchedule, MoE, MolmoeForCausalLM, count_parameters
+from lmms_adaptive.model import Experts, KVCache, LayerSchedule, MoE, MolmoeForCausalLM, count_parameters
 from lmms_adaptive.plan import KnobSpace, Plan
 from lmms_adaptive.processor import MolmoeProcessor
 from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
@@ -38,7 +38,8 @@ QUESTION = "What is in the image?"
 def greedy(
     model: MolmoeForCausalLM, inputs: dict, schedule: LayerSchedule, n_new: int
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Prefill + greedy decode with a KV cache (no EOS stop): tokens and the logits that chose each one."""
+    """Prefill + greedy decode with a KV cache (no EOS stop), the runtime's decode step: tokens and the logits
+    that chose each one."""
     ids, feats, idx = inputs["ids"], inputs.get("features"), inputs.get("idx")
     n_prompt = ids.shape[1]
     cache = model.new_cache(n_prompt + n_new)
@@ -49,10 +50,10 @@ def greedy(
         tokens.append(int(logits[-1].argmax()))
         if step == n_new - 1:
             break
-        hidden = model.decode_layers(
-            model.embed(torch.tensor([[tokens[-1]]])), torch.tensor([[cache.length]]), schedule, cache
+        logits.append(
+            model.decode_token(model.embed(torch.tensor([[tokens[-1]]])), torch.tensor([cache.length]), schedule, cache)
         )
-        logits.append(model.logits(hidden[0, -1]).float())
+        cache.length += 1
     assert cache.length == n_prompt + n_new - 1
     return tokens, logits
 
@@ -810,3 +811,42 @@ def test_invalid_plan_is_refused_by_the_runtime(rt: AdaptiveMolmoe) -> None:
         rt.generate(QUESTION, [make_image()], Plan(3, 8, 3))
     with pytest.raises(ValueError, match="top_k"):
         rt.generate(QUESTION, [make_image()], Plan(3, 9, 8))
+
+
+def test_decode_token_attends_only_up_to_its_position(tiny_model, tiny_inputs) -> None:
+    """The static-shape decode step sees the whole cache buffer; garbage after its position must not matter."""
+    schedule = LayerSchedule.full(tiny_model.config)
+    tokens, logits = greedy(tiny_model, tiny_inputs, schedule, 4)
+    n_prompt = tiny_inputs["ids"].shape[1]
+    with torch.inference_mode():
+        cache = tiny_model.new_cache(n_prompt + 4)
+        tiny_model.decode_layers(
+            tiny_model.embed(tiny_inputs["ids"], tiny_inputs["features"], tiny_inputs["idx"]),
+            torch.arange(n_prompt)[None],
+            schedule,
+            cache,
+        )
+        for block in cache.k:  # fill every slot after the prompt with noise
+            cache.k[block][:, :, n_prompt:] = torch.randn_like(cache.k[block][:, :, n_prompt:]) * 100
+            cache.v[block][:, :, n_prompt:] = torch.randn_like(cache.v[block][:, :, n_prompt:]) * 100
+        step = tiny_model.decode_token(
+            tiny_model.embed(torch.tensor([[tokens[0]]])), torch.tensor([n_prompt]), schedule, cache
+        )
+    torch.testing.assert_close(step, logits[1], rtol=0, atol=1e-5)
+
+
+def test_cache_capacity_rounds_up_to_its_bucket(tiny_model) -> None:
+    cache = tiny_model.new_cache(KVCache.BUCKET + 1)
+    assert cache.max_len == 2 * KVCache.BUCKET and tiny_model.new_cache(KVCache.BUCKET).max_len == KVCache.BUCKET
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens_and_logits(rt: AdaptiveMolmoe) -> None:
+    """torch.compile of the decode step (CPU inductor here; CUDA graphs on a GPU) changes no answer."""
+    compiled = AdaptiveMolmoe(rt.model, rt.processor, compile_decode=True)
+    gen = GenerationConfig(max_new_tokens=6, stop_at_eos=False, keep_step_logits=True)
+    for plan in (Plan(3, 6, 7), Plan(12, 8, 8)):
+        eager, fast = (r.generate(QUESTION, [make_image(2)], plan, gen) for r in (rt, compiled))
+        assert fast.token_ids == eager.token_ids
+        for a, b in zip(fast.step_logits, eager.step_logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
