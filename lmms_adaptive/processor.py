@@ -378,22 +378,27 @@ def _resize_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return resized.clamp_(0.0, 1.0)[0].permute(1, 2, 0).numpy()
 
 
+def fit_box(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left): where an image lands when fitted into ``size`` keeping its aspect and
+    centred. Scale arithmetic is float32 like the original; a side that would shrink to 0 pixels is kept
+    at 1 (the original fails there)."""
+    out_h, out_w = size
+    scale = min(np.float32(out_h) / np.float32(height), np.float32(out_w) / np.float32(width))
+    new_h = max(1, int(np.float32(height) * scale))
+    new_w = max(1, int(np.float32(width) * scale))
+    return new_h, new_w, (out_h - new_h) // 2, (out_w - new_w) // 2
+
+
 def resize_and_pad(
     rgb: np.ndarray, size: tuple[int, int], cfg: VisionPreprocessConfig = DEFAULT_VISION
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fit ``rgb`` into ``size`` keeping its aspect, centre-pad with black, then normalise.
 
     Returns the normalised [H, W, 3] float32 image (padding becomes ``-mean/std``) and a boolean
-    [H, W] mask of the real pixels. Scale arithmetic is float32 like the original; a side that
-    would shrink to 0 pixels is kept at 1 (the original fails there).
+    [H, W] mask of the real pixels (geometry: :func:`fit_box`).
     """
     out_h, out_w = size
-    height, width = rgb.shape[:2]
-    scale = min(np.float32(out_h) / np.float32(height), np.float32(out_w) / np.float32(width))
-    new_h = max(1, int(np.float32(height) * scale))
-    new_w = max(1, int(np.float32(width) * scale))
-    top, left = (out_h - new_h) // 2, (out_w - new_w) // 2
-
+    new_h, new_w, top, left = fit_box(*rgb.shape[:2], size)
     canvas = np.zeros((out_h, out_w, 3), dtype=np.float32)
     canvas[top : top + new_h, left : left + new_w] = _resize_bilinear(rgb, new_h, new_w)
     mask = np.zeros((out_h, out_w), dtype=bool)
@@ -402,7 +407,7 @@ def resize_and_pad(
     return normalised, mask
 
 
-def _patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
+def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     """[..., H, W, C] -> [..., (H/p)*(W/p), p*p*C]: patches row-major, each flattened as (dy, dx, c)."""
     *lead, height, width, channels = pixels.shape
     grid = pixels.reshape(*lead, height // patch, patch, width // patch, patch, channels)
@@ -430,8 +435,8 @@ def preprocess_image(
     global_view, _ = resize_and_pad(rgb, cfg.base_image_input_size, cfg)
 
     patch = cfg.image_patch_size
-    crops = _patchify(np.concatenate([global_view[None], _cut_crops(pixels, tiling, cfg)]), patch)
-    crop_masks = _patchify(_cut_crops(mask, tiling, cfg)[..., None].astype(np.float32), patch).mean(axis=-1)
+    crops = patchify(np.concatenate([global_view[None], _cut_crops(pixels, tiling, cfg)]), patch)
+    crop_masks = patchify(_cut_crops(mask, tiling, cfg)[..., None].astype(np.float32), patch).mean(axis=-1)
     # The original lists the masks of crops 0..n-1 and then a -1 row, while `crops` starts with the
     # global view: masks[k] belongs to crops[k + 1]. The model was trained with this shift.
     masks = np.concatenate([crop_masks, np.full((1, crop_masks.shape[1]), -1.0, dtype=np.float32)])

@@ -52,9 +52,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-from lmms_adaptive.processor import DEFAULT_VISION, select_tiling
+from lmms_adaptive.processor import DEFAULT_VISION, fit_box, select_tiling
 
 if TYPE_CHECKING:
     import datasets
@@ -242,8 +243,9 @@ def _polygon(kind: str, cx: int, cy: int, r: int) -> list[tuple[float, float]]:
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
-    fill = COLORS[shape.color]
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill: RGB | int | None = None) -> None:
+    """Draw in the shape's colour, or in ``fill`` (label maps draw class ids)."""
+    fill = COLORS[shape.color] if fill is None else fill
     if shape.kind == "circle":
         draw.ellipse((shape.cx - shape.r, shape.cy - shape.r, shape.cx + shape.r, shape.cy + shape.r), fill=fill)
     else:
@@ -279,6 +281,33 @@ def render(scene: Scene) -> Image.Image:
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=SIGN_COLOR, outline=SIGN_BORDER, width=scene.text.module)
         _draw_text(draw, scene.text)
     return image
+
+
+def global_view_labels(
+    scene: Scene, size: tuple[int, int], cell: int, min_cover: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell (shape kind, colour) labels of the scene as the processor's global view shows it: the image
+    fitted into ``size`` (:func:`~lmms_adaptive.processor.fit_box`) and cut into ``cell`` px cells (one cell
+    = one pooled image token). 0 is background; kind ``i + 1`` is ``SHAPES[i]`` and colour ``j + 1`` the
+    ``j``-th of ``COLORS``. A cell takes the most frequent shape among its pixels once shapes cover
+    ``min_cover`` of it. Pure: the targets of the vision stage of pre-training, right by construction."""
+    kinds, colors = Image.new("L", scene.size, 0), Image.new("L", scene.size, 0)
+    draw_kind, draw_color = ImageDraw.Draw(kinds), ImageDraw.Draw(colors)
+    for shape in scene.shapes:
+        _draw_shape(draw_kind, shape, 1 + SHAPES.index(shape.kind))
+        _draw_shape(draw_color, shape, 1 + list(COLORS).index(shape.color))
+    new_h, new_w, top, left = fit_box(scene.size[1], scene.size[0], size)
+    rows, cols = size[0] // cell, size[1] // cell
+    out = []
+    for labels, n_classes in ((kinds, 1 + len(SHAPES)), (colors, 1 + len(COLORS))):
+        canvas = np.zeros(size, dtype=np.int64)
+        canvas[top : top + new_h, left : left + new_w] = np.asarray(labels.resize((new_w, new_h), Image.NEAREST))
+        cells = (
+            canvas[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell).swapaxes(1, 2).reshape(rows, cols, -1)
+        )
+        share = np.stack([(cells == c).mean(axis=-1) for c in range(n_classes)], axis=-1)
+        out.append(np.where(share[..., 1:].sum(axis=-1) >= min_cover, 1 + share[..., 1:].argmax(axis=-1), 0))
+    return out[0], out[1]
 
 
 # --------------------------------------------------------------------------- scene planning

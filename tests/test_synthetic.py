@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lmms_adaptive import synthetic as syn
 
@@ -115,6 +116,31 @@ def test_count_matches_connected_components(samples):
         assert s.answer == str(len(s.scene.shapes))
         assert components(s) == int(s.answer), s.sample_id
     assert {s.answer for s in counts} == {str(n) for n in range(1, 7)}
+
+
+def test_global_view_labels_mark_each_object_where_the_global_view_shows_it(samples):
+    """Labels come from the scene; check them against the rendered pixels through the processor's geometry."""
+    from lmms_adaptive.processor import fit_box
+
+    size, cell = (336, 336), 56
+    for s in of_type(samples, "count") + of_type(samples, "shape"):
+        kinds, colors = syn.global_view_labels(s.scene, size, cell)
+        assert kinds.shape == colors.shape == (6, 6)
+        assert ((kinds > 0) == (colors > 0)).all()
+        new_h, new_w, top, left = fit_box(s.scene.size[1], s.scene.size[0], size)
+        scale = new_w / s.scene.size[0]
+        for shape in s.scene.shapes:  # the cell under each object's centre is labelled with it
+            row, col = int((top + shape.cy * scale) // cell), int((left + shape.cx * scale) // cell)
+            assert kinds[row, col] == 1 + syn.SHAPES.index(shape.kind), s.sample_id
+            assert colors[row, col] == 1 + list(syn.COLORS).index(shape.color), s.sample_id
+        assert set(kinds[kinds > 0]) <= {1 + syn.SHAPES.index(o.kind) for o in s.scene.shapes}
+        # cells with no foreground pixel at all in the resized image are background
+        fg = np.zeros(size, dtype=bool)
+        fg[top : top + new_h, left : left + new_w] = np.asarray(
+            Image.fromarray(foreground(s)).resize((new_w, new_h), Image.NEAREST)
+        )
+        empty = ~fg.reshape(6, cell, 6, cell).any(axis=(1, 3))
+        assert (kinds[empty] == 0).all(), s.sample_id
 
 
 def test_yesno_rederived_and_balanced(samples):
