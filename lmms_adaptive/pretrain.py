@@ -3,12 +3,20 @@
     python -m lmms_adaptive.pretrain OUT_DIR                      # train (resumes if OUT_DIR has a state)
     python -m lmms_adaptive.pretrain OUT_DIR --steps 40 --eval-every 20  # a quick smoke run
 
-Each step draws one plan (max_crops from the tiers, a top-k from the knob space's options, and a random
-set of dropped blocks as the plan space allows) and trains next-token prediction of the answer under
-it, so the model works across plans and degrades gracefully toward cheap ones. The prompt is exactly
+Two stages. The vision stage trains the vision backbone alone (ViT, pooling, projector) on the global
+views of training scenes, against throw-away read-outs of its output tokens (:class:`SceneHeads`): under
+each token, which shape kind and colour lies there (dense labels drawn from the scene itself, see
+`synthetic.global_view_labels`), and per image the object count and the single object's shape and
+colour. A ViT trained from scratch through the decoder alone memorises instead of generalising within a
+CPU budget; the dense labels give it dozens of targets per image, as a pretrained CLIP encoder does the
+real model. Then each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
+space's options, and a random set of dropped blocks as the plan space allows) and trains next-token
+prediction of the answer under it, so the model works across plans and degrades gracefully toward cheap
+ones. The prompt is exactly
 what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format). Steps are deterministic
 functions of (seed, step): the plan, the samples and their order, so a resumed run continues the same
-run. Writes into OUT_DIR: `state.pt` (resume point), `metrics.csv` (loss curve), `eval.csv`
+run. Writes into OUT_DIR: `state.pt` (resume point), `vision_metrics.csv` (vision-stage losses and
+read-out accuracies), `metrics.csv` (decoder loss curve), `eval.csv`
 (validation accuracy per tier and question type), `curves.png`, and `checkpoint/` (the trained model
 in the real checkpoint format, weights in bf16).
 """
@@ -36,7 +44,7 @@ from .checkpoint import load_model, save_weights
 from .config import MolmoeConfig
 from .model import LayerSchedule, MolmoeForCausalLM
 from .plan import KnobSpace
-from .processor import MolmoeProcessor, ProcessedRequest
+from .processor import MolmoeProcessor, ProcessedRequest, VisionPreprocessConfig, patchify, resize_and_pad, to_rgb_array
 from .runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
 from .runtime import AdaptiveMolmoe, GenerationConfig
 from .tiny import build_tiny
@@ -45,13 +53,13 @@ log = logging.getLogger(__name__)
 
 # What lmms-eval's textvqa / pope task configs append to the question (their default post_prompt).
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
-# Reading is the hardest question type and the one that needs the high tier: seen twice per cycle.
-TRAIN_MIX = ("color", "shape", "count", "read", "read", "yesno")
+# Shapes, counts and yes/no twice per cycle: the types the vision stage prepares, with the most answers.
+TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 900
+    steps: int = 500
     batch_size: int = 16
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -59,23 +67,37 @@ class PretrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     full_plan_prob: float = 0.25  # share of steps at the full decoder (any tier)
+    vision_steps: int = 1200  # vision-stage steps before the decoder steps
+    vision_batch_size: int = 32
+    vision_lr: float = 1e-3
+    vision_pool: int = 6400  # distinct vision-stage scenes (reused in turn)
+    vision_lr_scale: float = 0.3  # the vision backbone's lr in the decoder stage, relative to lr
     seed: int = 0
-    eval_every: int = 150
+    eval_every: int = 250
     eval_samples: int = 40  # validation samples per evaluation (each run at every tier)
     save_every: int = 50
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("seed", "weight_decay") and not value > 0:
+            if f.name not in ("seed", "weight_decay", "vision_steps") and not value > 0:
                 raise ValueError(f"pretrain config: {f.name} must be > 0, got {value!r}")
+        if self.vision_steps < 0:
+            raise ValueError(f"pretrain config: vision_steps must be >= 0, got {self.vision_steps!r}")
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        """Decoder stage: linear warm-up, then cosine decay to lr * min_lr_ratio."""
+        return warmup_cosine(step, self.steps, self.warmup_steps, self.lr, self.min_lr_ratio)
+
+    def vision_lr_at(self, step: int) -> float:
+        return warmup_cosine(step, self.vision_steps, self.warmup_steps, self.vision_lr, self.min_lr_ratio)
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, peak: float, min_ratio: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +149,9 @@ class Batch:
         return int((self.labels >= 0).sum())
 
     def to(self, device: torch.device) -> Batch:
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        moved = {
+            f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        }
         return dataclasses.replace(self, **moved)
 
 
@@ -195,6 +219,138 @@ def batch_loss(model: MolmoeForCausalLM, batch: Batch, schedule: LayerSchedule) 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Vision stage: the encoder learns the scenes before the decoder learns to talk about them
+# ----------------------------------------------------------------------------------------------------
+
+VISION_QTYPES = ("color", "shape", "count", "yesno")  # the scenes with shapes (reading scenes have none)
+MAX_COUNT = 6
+
+
+@dataclass
+class VisionBatch:
+    """Global views of training scenes and their labels (-1 where an image-level label does not apply)."""
+
+    crops: Tensor  # [B, patches, patch_dim]: each scene's global view, exactly as the processor makes it
+    masks: Tensor  # [B, patches]
+    kinds: Tensor  # [B, tokens]: shape kind under each pooled token (0 background)
+    colors: Tensor  # [B, tokens]: colour under each pooled token (0 background)
+    counts: Tensor  # [B]: number of shapes - 1
+    shape: Tensor  # [B]: the single object's kind, or -1
+    color: Tensor  # [B]: the single object's colour, or -1
+
+
+@dataclass(frozen=True)
+class VisionItem:
+    """One scene's global view (fp16 patches, as `preprocess_image` makes it) and labels."""
+
+    crop: np.ndarray
+    mask: np.ndarray
+    kinds: np.ndarray
+    colors: np.ndarray
+    count: int
+    shape: int
+    color: int
+
+
+def vision_item(cfg: VisionPreprocessConfig, sample: synthetic.Sample) -> VisionItem:
+    size, patch = cfg.base_image_input_size, cfg.image_patch_size
+    pixels, real = resize_and_pad(to_rgb_array(sample.image), size, cfg)
+    kinds, colors = synthetic.global_view_labels(sample.scene, size, 2 * patch)  # a token = 2x2 patches
+    shapes = sample.scene.shapes
+    single = shapes[0] if len(shapes) == 1 else None
+    return VisionItem(
+        crop=patchify(pixels, patch).astype(np.float16),
+        mask=patchify(real[..., None].astype(np.float32), patch).mean(axis=-1),
+        kinds=kinds.ravel(),
+        colors=colors.ravel(),
+        count=len(shapes) - 1,
+        shape=synthetic.SHAPES.index(single.kind) if single else -1,
+        color=list(synthetic.COLORS).index(single.color) if single else -1,
+    )
+
+
+def vision_batch(items: list[VisionItem]) -> VisionBatch:
+    return VisionBatch(
+        crops=torch.from_numpy(np.stack([i.crop for i in items])).float(),
+        masks=torch.from_numpy(np.stack([i.mask for i in items])),
+        kinds=torch.from_numpy(np.stack([i.kinds for i in items])),
+        colors=torch.from_numpy(np.stack([i.colors for i in items])),
+        counts=torch.tensor([i.count for i in items]),
+        shape=torch.tensor([i.shape for i in items]),
+        color=torch.tensor([i.color for i in items]),
+    )
+
+
+def vision_sample(seed: int, index: int) -> synthetic.Sample:
+    """The `index`-th vision-stage scene: the shape question types in turn, from the training split's
+    own sample streams, past the ones the decoder stage reads (`train_sample` uses cycles from 0)."""
+    cycle, slot = divmod(index, len(VISION_QTYPES))
+    return synthetic.make_sample("train", seed, VISION_QTYPES[slot], 10**7 + cycle)
+
+
+SCENE_READOUTS = ("kind", "color", "count", "shape", "object_color")
+
+
+class SceneHeads(torch.nn.Module):
+    """Throw-away linear read-outs of the vision tokens [B, T, d_model] (never exported): per token the
+    shape kind and colour under it, per image the count (mean over tokens) and the single object's shape
+    and colour (attention-pooled with a learned query each)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.kind = torch.nn.Linear(d_model, 1 + len(synthetic.SHAPES))
+        self.color = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
+        self.count = torch.nn.Linear(d_model, MAX_COUNT)
+        self.shape = torch.nn.Linear(d_model, len(synthetic.SHAPES))
+        self.object_color = torch.nn.Linear(d_model, len(synthetic.COLORS))
+        self.queries = torch.nn.Parameter(torch.zeros(2, d_model))
+
+    def forward(self, tokens: Tensor, batch: VisionBatch) -> dict[str, tuple[Tensor, Tensor]]:
+        """(logits [N, classes], targets [N]) per read-out; targets -1 are ignored."""
+        d = tokens.shape[-1]
+        attn = torch.softmax(tokens @ self.queries.T / d**0.5, dim=1)  # [B, T, 2]
+        pooled = torch.einsum("btq,btd->qbd", attn, tokens)
+        return {
+            "kind": (self.kind(tokens).flatten(0, 1), batch.kinds.flatten()),
+            "color": (self.color(tokens).flatten(0, 1), batch.colors.flatten()),
+            "count": (self.count(tokens.mean(dim=1)), batch.counts),
+            "shape": (self.shape(pooled[0]), batch.shape),
+            "object_color": (self.object_color(pooled[1]), batch.color),
+        }
+
+
+def vision_losses(model: MolmoeForCausalLM, heads: SceneHeads, batch: VisionBatch) -> tuple[Tensor, dict[str, float]]:
+    """Sum of the read-outs' cross-entropies, and each read-out's accuracy on the batch (a monitor)."""
+    tokens = model.encode_images(batch.crops, batch.masks)
+    total, accuracy = tokens.new_zeros(()), {}
+    for name, (logits, target) in heads(tokens, batch).items():
+        valid = target >= 0
+        if valid.any():
+            total = total + torch.nn.functional.cross_entropy(logits[valid], target[valid])
+            accuracy[name] = float((logits[valid].argmax(-1) == target[valid]).float().mean())
+    return total, accuracy
+
+
+class VisionStream(torch.utils.data.IterableDataset):
+    """(step, VisionBatch) for vision steps start..cfg.vision_steps-1, in a loader worker."""
+
+    def __init__(self, folder: Path, cfg: PretrainConfig, start: int) -> None:
+        self.folder, self.cfg, self.start = folder, cfg, start
+
+    def __iter__(self) -> Iterator[tuple[int, VisionBatch]]:
+        """Scenes cycle through a pool of `cfg.vision_pool`, each prepared once (resizing dominates the cost)."""
+        torch.set_num_threads(1)
+        vision = MolmoeProcessor.from_pretrained(self.folder).vision
+        cfg, prepared = self.cfg, {}
+        for step in range(self.start, cfg.vision_steps):
+            indices = [(step * cfg.vision_batch_size + i) % cfg.vision_pool for i in range(cfg.vision_batch_size)]
+            for i in indices:
+                if i not in prepared:
+                    prepared[i] = vision_item(vision, vision_sample(cfg.seed, i))
+            yield step, vision_batch([prepared[i] for i in indices])
+
+
+# ----------------------------------------------------------------------------------------------------
 # Validation: greedy answers at the full decoder, per tier and question type
 # ----------------------------------------------------------------------------------------------------
 
@@ -229,6 +385,7 @@ class RunDir:
         self.init = root / "init"
         self.state = root / "state.pt"
         self.metrics = root / "metrics.csv"
+        self.vision_metrics = root / "vision_metrics.csv"
         self.eval = root / "eval.csv"
         self.checkpoint = root / "checkpoint"
         self.config = root / "pretrain_config.json"
@@ -240,19 +397,21 @@ class RunDir:
         if not (self.init / "model.safetensors").is_file():
             build_tiny(self.init, seed=cfg.seed)
 
-    def save_state(self, model: MolmoeForCausalLM, optimizer: torch.optim.Optimizer, step: int) -> None:
-        save_atomic({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, self.state)
+    def save_state(self, modules: dict[str, torch.nn.Module | torch.optim.Optimizer], step: int) -> None:
+        """`step` counts vision steps, then decoder steps: vision_steps + n after n decoder steps."""
+        save_atomic({"step": step, **{name: m.state_dict() for name, m in modules.items()}}, self.state)
 
-    def load_state(self, model: MolmoeForCausalLM, optimizer: torch.optim.Optimizer) -> int:
+    def load_state(self, modules: dict[str, torch.nn.Module | torch.optim.Optimizer], vision_steps: int) -> int:
         """Restore the last saved step (0 if none) and drop log rows written after it."""
         if not self.state.is_file():
             return 0
-        state = torch.load(self.state, map_location=model.lm_head.weight.device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(self.state, map_location="cpu", weights_only=True)
+        for name, m in modules.items():
+            m.load_state_dict(state[name])
         step = int(state["step"])
+        truncate_csv(self.vision_metrics, step)
         for path in (self.metrics, self.eval):
-            truncate_csv(path, step)
+            truncate_csv(path, step - vision_steps)
         log.info("resuming %s at step %d", self.root, step)
         return step
 
@@ -296,23 +455,68 @@ def plot_curves(run: RunDir) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
+def train_vision(
+    run: RunDir, cfg: PretrainConfig, model: MolmoeForCausalLM, heads: SceneHeads, optimizer, save, start: int
+) -> None:
+    """Vision steps start..cfg.vision_steps-1 (the decoder's weights get no gradient)."""
+    device = model.lm_head.weight.device
+    stream = VisionStream(run.init, cfg, start)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+    began = time.perf_counter()
+    bar = tqdm(loader, total=cfg.vision_steps, initial=start, desc="pretrain (vision)", unit="step")
+    for step, batch in bar:
+        lr = cfg.vision_lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        moved = VisionBatch(**{f.name: getattr(batch, f.name).to(device) for f in fields(VisionBatch)})
+        loss, accuracy = vision_losses(model, heads, moved)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.grad_clip)
+        optimizer.step()
+        row = {"step": step, "loss": round(float(loss.detach()), 5), "lr": lr,
+               **{f"acc_{k}": round(v, 4) for k, v in accuracy.items()}, "seconds": round(time.perf_counter() - began, 2)}  # fmt: skip
+        write_rows(run.vision_metrics, [row], ["step", "loss", "lr", *(f"acc_{k}" for k in SCENE_READOUTS), "seconds"])
+        bar.set_postfix(loss=f"{row['loss']:.3f}", shape=accuracy.get("shape", float("nan")))
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.vision_steps:
+            save(step + 1)
+
+
 def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
     """Train (or resume) the run in `out` on `device` (fp32); returns the exported checkpoint folder."""
     torch.manual_seed(cfg.seed)
     run = RunDir(out)
     run.prepare(cfg)
     model = load_model(run.init, torch.device(device), torch.float32).requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start = run.load_state(model, optimizer)
+    heads = SceneHeads(model.config.d_model).to(device)
+    vision = list(model.model.vision_backbone.parameters())
+    vision_ids = {id(p) for p in vision}
+    decoder = [p for p in model.parameters() if id(p) not in vision_ids]
+    adamw = {"weight_decay": cfg.weight_decay, "betas": (0.9, 0.95)}
+    vision_optimizer = torch.optim.AdamW([{"params": vision + list(heads.parameters())}], lr=cfg.vision_lr, **adamw)
+    optimizer = torch.optim.AdamW(
+        [{"params": decoder, "scale": 1.0}, {"params": vision, "scale": cfg.vision_lr_scale}], lr=cfg.lr, **adamw
+    )
+    modules = {"model": model, "heads": heads, "vision_optimizer": vision_optimizer, "optimizer": optimizer}
+    start = run.load_state(modules, cfg.vision_steps)
+
+    def save(step: int) -> None:
+        run.save_state(modules, step)
+
+    if start < cfg.vision_steps:
+        train_vision(run, cfg, model, heads, vision_optimizer, save, start)
+    start = max(0, start - cfg.vision_steps)
     runtime = AdaptiveMolmoe(model, MolmoeProcessor.from_pretrained(run.init))
     val = validation_samples(cfg.seed, cfg.eval_samples)
 
-    loader = torch.utils.data.DataLoader(StepStream(run.init, cfg, start), batch_size=None, num_workers=1, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(
+        StepStream(run.init, cfg, start), batch_size=None, num_workers=1, prefetch_factor=4
+    )
     began = time.perf_counter()
     bar = tqdm(loader, total=cfg.steps, initial=start, desc="pretrain", unit="step")
     for step, plan, batch in bar:
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
+            group["lr"] = cfg.lr_at(step) * group["scale"]
         loss = batch_loss(model, batch.to(model.lm_head.weight.device), plan.schedule)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,11 +535,13 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
             model.eval()
             accuracy = evaluate(runtime, val)
             model.train()
-            rows = [{"step": step, "max_crops": c, "qtype": q, "accuracy": round(a, 4)} for (c, q), a in accuracy.items()]
+            rows = [
+                {"step": step, "max_crops": c, "qtype": q, "accuracy": round(a, 4)} for (c, q), a in accuracy.items()
+            ]
             write_rows(run.eval, rows, list(rows[0]))
             log.info("step %d validation: %s", done, {f"{q}@{c}": round(a, 2) for (c, q), a in accuracy.items()})
         if done % cfg.save_every == 0 or done == cfg.steps:
-            run.save_state(model, optimizer, done)
+            save(cfg.vision_steps + done)
     model.eval()
     folder = export(model, run.init, run.checkpoint)
     log.info("trained checkpoint: %s; curves: %s", folder, plot_curves(run))
@@ -351,12 +557,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("out", type=Path, help="run folder (state, logs, and checkpoint/ at the end)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); not part of the run's identity")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of the training process (default 1: the data worker needs the other core, and "
+        "spinning OpenMP threads on a busy CPU cost several times the speed; not part of the run's identity)",
+    )  # fmt: skip
     for f in fields(PretrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
                             help=f"(default {getattr(defaults, f.name)})")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    torch.set_num_threads(args.threads)
     print(train(args.out, cfg, args.device))
 
 

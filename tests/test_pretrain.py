@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,18 @@ from lmms_adaptive.config import MolmoeConfig
 from lmms_adaptive.plan import KnobSpace
 from lmms_adaptive.processor import MolmoeProcessor
 
-QUICK = pretrain.PretrainConfig(steps=6, batch_size=2, lr=3e-3, warmup_steps=2, eval_every=1000, eval_samples=1, save_every=3)
+QUICK = pretrain.PretrainConfig(
+    steps=6,
+    batch_size=2,
+    lr=3e-3,
+    warmup_steps=2,
+    eval_every=1000,
+    eval_samples=1,
+    save_every=3,
+    vision_steps=4,
+    vision_batch_size=2,
+    vision_pool=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +54,11 @@ def test_step_plans_are_valid_points_of_the_plan_space(knobs: KnobSpace) -> None
 def test_training_samples_follow_the_mix_deterministically() -> None:
     qtypes = [pretrain.train_sample(0, i).qtype for i in range(2 * len(pretrain.TRAIN_MIX))]
     assert qtypes == list(pretrain.TRAIN_MIX) * 2
-    reads = [pretrain.train_sample(0, i) for i in range(12) if pretrain.TRAIN_MIX[i % 6] == "read"]
-    assert len({s.sample_id for s in reads}) == len(reads)  # the two read slots never repeat a sample
+    n = len(pretrain.TRAIN_MIX)
+    counts = [pretrain.train_sample(0, i) for i in range(2 * n) if pretrain.TRAIN_MIX[i % n] == "count"]
+    assert len({s.sample_id for s in counts}) == len(counts) == 4  # the two count slots never repeat a sample
     assert pretrain.train_sample(0, 5).sample_id == pretrain.train_sample(0, 5).sample_id
-    assert all(pretrain.train_sample(0, i).sample_id.startswith("synth-train") for i in range(6))
+    assert all(pretrain.train_sample(0, i).sample_id.startswith("synth-train") for i in range(n))
 
 
 def test_collate_puts_labels_on_the_answer_tokens(tiny_dir: Path) -> None:
@@ -119,3 +132,42 @@ def test_config_validation_and_schedule() -> None:
     cfg = pretrain.PretrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
     assert cfg.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_vision_items_carry_the_global_view_and_its_labels(tiny_dir: Path) -> None:
+    vision = MolmoeProcessor.from_pretrained(tiny_dir).vision
+    n = len(pretrain.VISION_QTYPES)
+    scenes = (pretrain.vision_sample(0, pretrain.VISION_QTYPES.index("count") + n * i) for i in range(20))
+    count = next(s for s in scenes if len(s.scene.shapes) > 1)
+    single = pretrain.vision_sample(0, pretrain.VISION_QTYPES.index("shape"))
+    a, b = pretrain.vision_item(vision, count), pretrain.vision_item(vision, single)
+    processed = MolmoeProcessor.from_pretrained(tiny_dir)(count.question, [count.image], max_crops=3)
+    np.testing.assert_allclose(a.crop.astype(np.float32), processed.images[0], atol=2e-3)  # the global view, in fp16
+    assert a.count == len(count.scene.shapes) - 1 and a.shape == a.color == -1
+    (shape,) = single.scene.shapes
+    assert b.count == 0 and synthetic.SHAPES[b.shape] == shape.kind and list(synthetic.COLORS)[b.color] == shape.color
+    assert set(b.kinds[b.kinds > 0]) == {b.shape + 1}
+    batch = pretrain.vision_batch([a, b])
+    assert batch.crops.shape[0] == batch.kinds.shape[0] == 2 and batch.kinds.shape[1] == 36
+
+
+def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone(tiny_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = load_model(tiny_dir).requires_grad_(True)
+    heads = pretrain.SceneHeads(model.config.d_model)
+    vision = MolmoeProcessor.from_pretrained(tiny_dir).vision
+    batch = pretrain.vision_batch([pretrain.vision_item(vision, pretrain.vision_sample(0, i)) for i in range(8)])
+    decoder_before = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_backbone" not in n}
+    optimizer = torch.optim.AdamW([*model.model.vision_backbone.parameters(), *heads.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss, accuracy = pretrain.vision_losses(model, heads, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert set(accuracy) == set(pretrain.SCENE_READOUTS)
+    for name, p in model.named_parameters():
+        if name in decoder_before:
+            assert torch.equal(p, decoder_before[name]), name
