@@ -165,7 +165,7 @@ def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
     assert set(accuracy) == set(pretrain.SCENE_READOUTS)
     for name, p in model.named_parameters():
