@@ -12,13 +12,13 @@ CPU budget; the dense labels give it dozens of targets per image, as a pretraine
 real model. Then each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
 space's options, and a random set of dropped blocks as the plan space allows) and trains next-token
 prediction of the answer under it, so the model works across plans and degrades gracefully toward cheap
-ones. The prompt is exactly
-what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format). Steps are deterministic
-functions of (seed, step): the plan, the samples and their order, so a resumed run continues the same
-run. Writes into OUT_DIR: `state.pt` (resume point), `vision_metrics.csv` (vision-stage losses and
-read-out accuracies), `metrics.csv` (decoder loss curve), `eval.csv`
-(validation accuracy per tier and question type), `curves.png`, and `checkpoint/` (the trained model
-in the real checkpoint format, weights in bf16).
+ones. The prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
+
+Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
+run continues the same run. Writes into OUT_DIR: `state.pt` (resume point), `vision_metrics.csv`
+(vision-stage losses and read-out accuracies), `metrics.csv` (decoder loss curve), `eval.csv` (validation
+accuracy per tier and question type), `curves.png`, and `checkpoint/` (the trained model in the real
+checkpoint format, weights in bf16).
 """
 
 from __future__ import annotations
@@ -132,8 +132,18 @@ def train_sample(seed: int, index: int) -> synthetic.Sample:
     return synthetic.make_sample("train", seed, qtype, cycle * TRAIN_MIX.count(qtype) + TRAIN_MIX[:slot].count(qtype))
 
 
+class TensorFields:
+    """A dataclass of tensors (and plain values) that moves to a device as one."""
+
+    def to(self, device: torch.device):
+        moved = {
+            f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+
 @dataclass
-class Batch:
+class Batch(TensorFields):
     """Right-padded prompts + answers; loss only where `labels` >= 0. Right padding needs no mask: causal
     attention never lets a real token see a later pad."""
 
@@ -147,12 +157,6 @@ class Batch:
     @property
     def n_answer_tokens(self) -> int:
         return int((self.labels >= 0).sum())
-
-    def to(self, device: torch.device) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
-        }
-        return dataclasses.replace(self, **moved)
 
 
 def answer_ids(tokenizer: Tokenizer, answer: str, eos: int) -> list[int]:
@@ -227,11 +231,11 @@ MAX_COUNT = 6
 
 
 @dataclass
-class VisionBatch:
+class VisionBatch(TensorFields):
     """Global views of training scenes and their labels (-1 where an image-level label does not apply)."""
 
     crops: Tensor  # [B, patches, patch_dim]: each scene's global view, exactly as the processor makes it
-    masks: Tensor  # [B, patches]
+    masks: Tensor  # [B, patches]: share of real (not padding) pixels per patch of the global view
     kinds: Tensor  # [B, tokens]: shape kind under each pooled token (0 background)
     colors: Tensor  # [B, tokens]: colour under each pooled token (0 background)
     counts: Tensor  # [B]: number of shapes - 1
@@ -241,7 +245,9 @@ class VisionBatch:
 
 @dataclass(frozen=True)
 class VisionItem:
-    """One scene's global view (fp16 patches, as `preprocess_image` makes it) and labels."""
+    """One scene's global view and labels. The patches are `preprocess_image`'s global view (in fp16). The
+    mask is the view's own real-pixel share: the processor pairs the global view with the first tile's
+    mask (the original's shift), which depends on the tier this stage has no tier for."""
 
     crop: np.ndarray
     mask: np.ndarray
@@ -468,8 +474,7 @@ def train_vision(
         lr = cfg.vision_lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        moved = VisionBatch(**{f.name: getattr(batch, f.name).to(device) for f in fields(VisionBatch)})
-        loss, accuracy = vision_losses(model, heads, moved)
+        loss, accuracy = vision_losses(model, heads, batch.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.grad_clip)
