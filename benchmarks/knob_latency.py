@@ -217,10 +217,11 @@ def measure(
     warmup: int,
 ) -> dict[Case, list]:
     """Warm every case up, then time `repeats` passes over all cases (interleaved, so slow drifts of the
-    machine spread over all plans instead of biasing some)."""
+    machine spread over all plans instead of biasing some). The warm-up generates as many tokens as the
+    timed runs: the KV cache's capacity bucket depends on it, and a compiled decode step compiles per bucket."""
     for _ in range(warmup):
         for case in tqdm(cases, desc="warm-up", unit="plan", leave=False):
-            run_once(runtimes, images[case.image], case, min(2, new_tokens))
+            run_once(runtimes, images[case.image], case, new_tokens)
     runs: dict[Case, list] = {case: [] for case in cases}
     with tqdm(total=len(cases) * repeats, desc="plans", unit="run") as bar:
         for rep in range(repeats):

@@ -263,7 +263,6 @@ class AdaptiveMolmoeLMM(lmms):
             vision_ms=t.vision_ms,
             prefill_ms=t.prefill_ms,
             decode_ms=t.decode_ms,
-            probe_ms=t.probe_ms,
             total_ms=total_ms,
             violated=None if self.budget is None else total_ms > self.budget,
             stop_reason=out.stop_reason,

@@ -40,9 +40,9 @@ class Plan:
 class DeferredPlan:
     """Stage 1's decision, with top-k and active blocks left to stage 2 at block `insert_pos`.
 
-    The runtime runs blocks 0..insert_pos-1 over the prompt, then `latency_token` (an embedding [d_model])
-    alone through them at the next position (a probe nothing attends to), and calls `stage2` with its
-    hidden state there; the plan it returns must keep this tier, insertion position and renormalisation."""
+    The runtime runs blocks 0..insert_pos-1 over the prompt with `latency_token` (an embedding [d_model])
+    appended at the next position (a probe nothing attends to), and calls `stage2` with its hidden state
+    there; the plan it returns must keep this tier, insertion position and renormalisation."""
 
     max_crops: int
     insert_pos: int

@@ -13,7 +13,7 @@ import numpy as np
 
 from .plan import Plan
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,6 @@ class RequestRecord:
     stop_reason: str
     model_fingerprint: str
     device: str
-    probe_ms: float = 0.0  # the latency token's pass to block p (two-stage controllers; inside prefill_ms)
     version: int = RECORD_VERSION
 
     def to_json(self) -> str:

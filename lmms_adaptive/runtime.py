@@ -5,8 +5,8 @@
     out.text, out.token_ids, out.first_logits, out.timings.total_ms
 
 A `DeferredPlan` (a two-stage controller's stage-1 decision) is completed during the prefill: blocks
-0..p-1 run over the prompt, the latency token runs through them as a probe, its hidden state there
-decides top-k and active blocks, and the prefill continues with the rest of the plan.
+0..p-1 run over the prompt with the latency token appended as a probe (one pass), its hidden state there
+decides top-k and active blocks, and the prefill continues over the prompt with the rest of the plan.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ class Timings:
 
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
-    prefill_ms: float = 0.0  # includes the latency-token probe and the stage-2 decision of a DeferredPlan
-    probe_ms: float = 0.0  # the latency token's pass through blocks 0..p-1 (DeferredPlan only)
+    prefill_ms: float = 0.0  # includes the latency token's row in blocks 0..p-1 and the stage-2 decision
     stage2_ms: float = 0.0  # the controller's stage-2 decision (DeferredPlan only)
     decode_ms: list[float] = field(default_factory=list)  # one entry per decode forward, in order
     total_ms: float = 0.0
@@ -72,7 +71,6 @@ class Timings:
             "preprocess_ms": self.preprocess_ms,
             "vision_ms": self.vision_ms,
             "prefill_ms": self.prefill_ms,
-            "probe_ms": self.probe_ms,
             "stage2_ms": self.stage2_ms,
             "decode_ms": list(self.decode_ms),
             "decode_total_ms": self.decode_total_ms,
@@ -209,24 +207,20 @@ class AdaptiveMolmoe:
         return self.model.embed(ids, features, idx)
 
     def _run_head(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], insert_pos: int, renormalize: bool, cache: KVCache
-    ) -> Tensor:
-        """Blocks 0..p-1 (every plan with this insertion position runs them) over the prompt x [1, n, D]."""
-        return self.model.run_blocks(x, rope, self.knobs.head_layers(insert_pos), renormalize, cache)
+        self, x: Tensor, insert_pos: int, renormalize: bool, cache: KVCache, latency_token: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Blocks 0..p-1 over the prompt x [1, n, D] with the latency token riding along at position n, in one
+        pass: causal attention lets the token see the whole prompt while no prompt position sees it, and the
+        first decode step (also at position n) overwrites its cache slot. So the probe costs one extra row in
+        a pass every plan with this insertion position runs anyway, not a pass of its own. Returns the prompt's
+        hidden states [1, n, D] and the token's [d_model] float32, what stage 2 sees."""
+        token = latency_token.to(self.device, x.dtype).reshape(1, 1, -1)
+        head = self.knobs.head_layers(insert_pos)
+        out = self.model.run_blocks(torch.cat([x, token], 1), self._prompt_rope(x.shape[1] + 1), head, renormalize, cache)
+        return out[:, :-1], out[0, -1].float()
 
     def _prompt_rope(self, n_prompt: int) -> tuple[Tensor, Tensor]:
         return self.model.rope(torch.arange(n_prompt, device=self.device)[None])
-
-    def _probe(
-        self, latency_token: Tensor, insert_pos: int, renormalize: bool, cache: KVCache, n_prompt: int
-    ) -> Tensor:
-        """The latency token alone through blocks 0..p-1 at position n_prompt, after `_run_head` filled their
-        cache: it attends to the prompt and nothing attends to it (the prompt is done, and the first decode
-        step, at the same position, overwrites its cache slot). Its hidden state there, [d_model] float32."""
-        head = self.knobs.head_layers(insert_pos)
-        token = latency_token.to(self.device, self.model.lm_head.weight.dtype).reshape(1, 1, -1)
-        rope = self.model.rope(torch.tensor([[n_prompt]], device=self.device))
-        return self.model.run_blocks(token, rope, head, renormalize, cache, start=n_prompt)[0, 0].float()
 
     @torch.inference_mode()
     def latency_hidden(
@@ -234,9 +228,7 @@ class AdaptiveMolmoe:
     ) -> Tensor:
         """What stage 2 sees for this request and stage-1 decision, without generating (GRPO training)."""
         x = self._embed_prompt(request)
-        cache = self.model.new_cache(x.shape[1] + 1)
-        self._run_head(x, self._prompt_rope(x.shape[1]), insert_pos, renormalize, cache)
-        return self._probe(latency_token, insert_pos, renormalize, cache, x.shape[1])
+        return self._run_head(x, insert_pos, renormalize, self.model.new_cache(x.shape[1] + 1), latency_token)[1]
 
     def complete(self, request: ProcessedRequest, plan: Plan | DeferredPlan) -> Plan:
         """The complete plan: a Plan as it is, a DeferredPlan decided on this request's latency-token probe."""
@@ -270,12 +262,10 @@ class AdaptiveMolmoe:
         cache = model.new_cache(n_prompt + gen.max_new_tokens)
         done = 0  # schedule entries already run over the prompt
         if isinstance(plan, DeferredPlan):
-            x = self._run_head(x, rope, plan.insert_pos, plan.renormalize, cache)
+            x, hidden = self._run_head(x, plan.insert_pos, plan.renormalize, cache, plan.latency_token)
             t_head = clock.now()
-            hidden = self._probe(plan.latency_token, plan.insert_pos, plan.renormalize, cache, n_prompt)
-            t_probe = clock.now()
             plan, done = plan.complete(hidden), plan.insert_pos
-            timings.probe_ms, timings.stage2_ms = t_probe - t_head, clock.now() - t_probe
+            timings.stage2_ms = clock.now() - t_head
         schedule = schedule or self.schedule(plan)
         x = model.run_blocks(x, rope, schedule.layers[done:], schedule.renormalize, cache)
         cache.length = n_prompt

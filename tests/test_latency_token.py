@@ -41,7 +41,9 @@ def token(rt: AdaptiveMolmoe, seed: int = 0) -> torch.Tensor:
         Plan(max_crops=3, top_k=6, n_blocks=8, insert_pos=3, renormalize=True),
     ],
 )
-def test_deferred_plan_outputs_are_bit_identical_to_the_plain_plan(rt: AdaptiveMolmoe, plan: Plan) -> None:
+def test_deferred_plan_outputs_match_the_plain_plan(rt: AdaptiveMolmoe, plan: Plan) -> None:
+    """The latency token rides in the prompt's pass through blocks 0..p-1, one row more in the same matmuls:
+    the same tokens, logits equal up to float rounding of the longer pass."""
     request = rt.processor(QUESTION, [image()], max_crops=plan.max_crops)
     seen = []
 
@@ -53,8 +55,9 @@ def test_deferred_plan_outputs_are_bit_identical_to_the_plain_plan(rt: AdaptiveM
     plain, probed = rt.run(request, plan, GEN), rt.run(request, deferred, GEN)
     assert probed.plan == plan and len(seen) == 1 and seen[0].shape == (rt.model.config.d_model,)
     assert probed.token_ids == plain.token_ids
-    assert all(torch.equal(a, b) for a, b in zip(probed.step_logits, plain.step_logits, strict=True))
-    assert probed.timings.probe_ms > 0 and plain.timings.probe_ms == 0
+    for a, b in zip(probed.step_logits, plain.step_logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert probed.timings.stage2_ms > 0 and plain.timings.stage2_ms == 0
 
 
 def test_probe_hidden_is_the_token_attending_to_the_whole_prompt(rt: AdaptiveMolmoe) -> None:

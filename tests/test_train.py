@@ -153,7 +153,7 @@ def test_trained_artifact_through_the_plugin_and_report_compare(
     records = read_records(records_file)
     assert len(records) == 2 and all(r["controller"]["kind"] == "grpo" and r["budget_ms"] == 150.0 for r in records)
     assert all(
-        r["probe_ms"] > 0 and r["controller_ms"] > 0 and r["violated"] == (r["total_ms"] > 150.0) for r in records
+        r["controller_ms"] > 0 and r["violated"] == (r["total_ms"] > 150.0) for r in records
     )
     mean_blocks = sum(r["plan"]["n_blocks"] for r in records) / 2
     assert float(rows["grpo"]["mean_blocks"]) == pytest.approx(mean_blocks)
