@@ -151,7 +151,9 @@ def build_runtime(size: str, device: torch.device, dtype: torch.dtype, seed: int
     )  # fmt: skip
     vision = DEFAULT_VISION
     if size == "tiny":  # the tiny model's 28 px patches (see lmms_adaptive.tiny)
-        vision = VisionPreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_PREPROCESSOR.items()})
+        vision = VisionPreprocessConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_PREPROCESSOR.items()}
+        )
     return AdaptiveMolmoe(model, MolmoeProcessor(tokenizer, vision), model_id=f"random-{size}")
 
 

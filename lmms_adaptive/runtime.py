@@ -216,7 +216,9 @@ class AdaptiveMolmoe:
         hidden states [1, n, D] and the token's [d_model] float32, what stage 2 sees."""
         token = latency_token.to(self.device, x.dtype).reshape(1, 1, -1)
         head = self.knobs.head_layers(insert_pos)
-        out = self.model.run_blocks(torch.cat([x, token], 1), self._prompt_rope(x.shape[1] + 1), head, renormalize, cache)
+        out = self.model.run_blocks(
+            torch.cat([x, token], 1), self._prompt_rope(x.shape[1] + 1), head, renormalize, cache
+        )
         return out[:, :-1], out[0, -1].float()
 
     def _prompt_rope(self, n_prompt: int) -> tuple[Tensor, Tensor]:
