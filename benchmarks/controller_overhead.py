@@ -4,9 +4,9 @@
     python benchmarks/controller_overhead.py --size full --device cuda --image 640x480 --image 1280x720
 
 Random model weights and a randomly initialised policy (cost depends on shapes only). Each request runs
-twice, back to back: through the controller (request facts, stage 1, DeferredPlan: blocks 0..p-1 with the
-latency token appended to the prompt, stage 2, the rest of the plan) and as the same plan given
-statically. Reported per image (medians): the request facts (token counts per tier from the image size),
+twice, back to back and in alternating order: through the controller (request facts, stage 1,
+DeferredPlan: blocks 0..p-1 with the latency token appended to the prompt, stage 2, the rest of the
+plan) and as the same plan given statically. Reported per image (medians): the request facts (token counts per tier from the image size),
 stage 1, stage 2, their sum, `extra_ms` = total - static total (everything the controller adds, the
 latency token's row included, measured as a difference of two end-to-end timings, so a noisy machine
 blurs it by a few ms), both totals, and extra_ms as a share of the total.
@@ -27,6 +27,7 @@ from knob_latency import QUESTION, build_runtime, parse_size, synthetic_image
 from tqdm import tqdm
 
 from lmms_adaptive.controllers import stage1_decision
+from lmms_adaptive.plan import Plan
 from lmms_adaptive.policy import GRPOController, PolicyDims, TwoStagePolicy
 from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig, resolve_dtype
 
@@ -51,7 +52,9 @@ class Row:
     overhead_pct: float  # extra_ms / total_ms
 
 
-def one_request(rt: AdaptiveMolmoe, controller: GRPOController, image, budget: float, gen: GenerationConfig) -> dict:
+def through_controller(
+    rt: AdaptiveMolmoe, controller: GRPOController, image, budget: float, gen: GenerationConfig
+) -> dict:
     start = time.perf_counter()
     facts = rt.request_facts(QUESTION, [image], budget, gen.max_new_tokens)
     decided = time.perf_counter()
@@ -59,13 +62,35 @@ def one_request(rt: AdaptiveMolmoe, controller: GRPOController, image, budget: f
     stage1_ms = (time.perf_counter() - decided) * 1000.0
     out = rt.generate(QUESTION, [image], decision, gen)
     total_ms = (time.perf_counter() - start) * 1000.0
-    static_start = time.perf_counter()
-    rt.generate(QUESTION, [image], out.plan, gen)
-    static_ms = (time.perf_counter() - static_start) * 1000.0
     return {
         "facts_ms": (decided - start) * 1000.0, "stage1_ms": stage1_ms, "stage2_ms": out.timings.stage2_ms,
-        "total_ms": total_ms, "static_total_ms": static_ms, "extra_ms": total_ms - static_ms, "plan": out.plan,
+        "total_ms": total_ms, "plan": out.plan,
     }  # fmt: skip
+
+
+def one_request(
+    rt: AdaptiveMolmoe,
+    controller: GRPOController,
+    image,
+    budget: float,
+    gen: GenerationConfig,
+    plan: Plan,
+    static_first: bool,
+) -> dict:
+    """The request through the controller and `plan` (what the controller chooses for it) given statically,
+    in the given order: alternating the order cancels what the first run of a pair pays for the second."""
+
+    def static() -> float:
+        start = time.perf_counter()
+        rt.generate(QUESTION, [image], plan, gen)
+        return (time.perf_counter() - start) * 1000.0
+
+    static_ms = static() if static_first else None
+    run = through_controller(rt, controller, image, budget, gen)
+    if run["plan"] != plan:
+        raise RuntimeError(f"the controller chose {run['plan']} for a request it planned as {plan} before")
+    static_ms = static_ms if static_first else static()
+    return {**run, "static_total_ms": static_ms, "extra_ms": run["total_ms"] - static_ms}
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -98,11 +123,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = []
     for spec in images:
         image = synthetic_image(spec, args.seed)
-        for _ in range(2):
-            one_request(rt, controller, image, args.budget, gen)  # warm-up
+        plan = through_controller(rt, controller, image, args.budget, gen)["plan"]  # and a warm-up
+        one_request(rt, controller, image, args.budget, gen, plan, static_first=False)
         runs = [
-            one_request(rt, controller, image, args.budget, gen)
-            for _ in tqdm(range(args.requests), desc=spec, unit="request")
+            one_request(rt, controller, image, args.budget, gen, plan, static_first=i % 2 == 1)
+            for i in tqdm(range(args.requests), desc=spec, unit="request")
         ]
 
         def med(key: str, runs: list[dict] = runs) -> float:

@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end on the tiny shapes and write the rows their READMEs describe
+(their numbers are measurements, so only structure and internal consistency are checked here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import controller_overhead  # noqa: E402
+import knob_latency  # noqa: E402
+
+ROW_KEYS = {
+    "max_crops", "top_k", "active_blocks", "vision_ms", "prefill_ms", "decode_ms_per_token", "total_ms", "image",
+    "n_prompt_tokens", "n_crops", "impl", "ratio_decode", "ratio_total", "device", "device_name", "dtype", "size",
+    "torch_version", "new_tokens", "repeats", "decode_weight_bytes", "floor_ms", "x_floor",
+}  # fmt: skip
+
+
+def test_knob_latency_rows(tmp_path: Path) -> None:
+    out = tmp_path / "knobs.json"
+    argv = ["--size", "tiny", "--device", "cpu", "--tiers", "12", "--top-k", "4,8", "--blocks", "8", "--repeats", "1",
+            "--warmup", "0", "--new-tokens", "3", "--reference", "--json", str(out)]  # fmt: skip
+    rows = knob_latency.main(argv)
+    saved = json.loads(out.read_text())
+    assert len(saved) == len(rows) == 3 and all(set(r) == ROW_KEYS for r in saved)
+    assert {(r["impl"], r["top_k"]) for r in saved} == {("fast", 4), ("fast", 8), ("reference", 8)}
+    full = next(r for r in saved if r["impl"] == "fast" and r["top_k"] == 8)
+    assert full["ratio_total"] == pytest.approx(1.0) and full["ratio_decode"] == pytest.approx(1.0)
+    assert all(r["total_ms"] > r["vision_ms"] + r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in saved)
+
+
+def test_controller_overhead_rows(tmp_path: Path) -> None:
+    out = tmp_path / "controller.json"
+    rows = controller_overhead.main(["--size", "tiny", "--device", "cpu", "--requests", "2", "--new-tokens", "2",
+                                     "--json", str(out)])  # fmt: skip
+    (row,) = json.loads(out.read_text())
+    assert row == {k: getattr(rows[0], k) for k in row}
+    assert row["controller_ms"] == pytest.approx(row["stage1_ms"] + row["stage2_ms"])  # 2 requests: medians are means
+    assert row["stage1_ms"] > 0 and row["stage2_ms"] > 0 and row["total_ms"] > 0 and row["static_total_ms"] > 0
+    assert row["overhead_pct"] == pytest.approx(100.0 * row["extra_ms"] / row["total_ms"])
