@@ -12,8 +12,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import controller_overhead  # noqa: E402
-import knob_latency  # noqa: E402
+import controller_overhead
+import knob_latency
 
 ROW_KEYS = {
     "max_crops", "top_k", "active_blocks", "vision_ms", "prefill_ms", "decode_ms_per_token", "total_ms", "image",
