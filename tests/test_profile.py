@@ -108,7 +108,10 @@ def test_repeats_record_the_median_of_each_stage(rt, samples, monkeypatch) -> No
     def timed(*args, **kwargs):
         out = generate(*args, **kwargs)
         total = next(totals)
-        out.timings = Timings(1.0, total / 10, total / 5, 0.0, 0.0, [total / 100] * len(out.timings.decode_ms), total)
+        out.timings = Timings(
+            preprocess_ms=1.0, vision_ms=total / 10, prefill_ms=total / 5,
+            decode_ms=[total / 100] * len(out.timings.decode_ms), total_ms=total,
+        )  # fmt: skip
         return out
 
     monkeypatch.setattr(rt, "generate", timed)
