@@ -6,10 +6,11 @@
 Random model weights and a randomly initialised policy (cost depends on shapes only). Each request runs
 twice, back to back and in alternating order: through the controller (request facts, stage 1,
 DeferredPlan: blocks 0..p-1 with the latency token appended to the prompt, stage 2, the rest of the
-plan) and as the same plan given statically. Reported per image (medians): the request facts (token counts per tier from the image size),
-stage 1, stage 2, their sum, `extra_ms` = total - static total (everything the controller adds, the
-latency token's row included, measured as a difference of two end-to-end timings, so a noisy machine
-blurs it by a few ms), both totals, and extra_ms as a share of the total.
+plan) and as the same plan given statically. Reported per image (medians): the request facts (token
+counts per tier from the image size), stage 1, stage 2, their sum, `extra_ms` = total - static total
+(everything the controller adds, the latency token's row included, measured as a difference of two
+end-to-end timings, so a noisy machine blurs it by a few ms), both totals, and extra_ms as a share of
+the total.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Row:
     controller_ms: float  # stage 1 + stage 2
     extra_ms: float  # median of (total - static total) over the requests: facts, both stages, the latency token's row
     total_ms: float  # the request through the controller, end to end
-    static_total_ms: float  # the same plan given statically, timed the same way right after it
+    static_total_ms: float  # the same plan given statically, timed the same way right before or after it
     overhead_pct: float  # extra_ms / total_ms
 
 
@@ -85,11 +86,14 @@ def one_request(
         rt.generate(QUESTION, [image], plan, gen)
         return (time.perf_counter() - start) * 1000.0
 
-    static_ms = static() if static_first else None
-    run = through_controller(rt, controller, image, budget, gen)
+    if static_first:
+        static_ms = static()
+        run = through_controller(rt, controller, image, budget, gen)
+    else:
+        run = through_controller(rt, controller, image, budget, gen)
+        static_ms = static()
     if run["plan"] != plan:
         raise RuntimeError(f"the controller chose {run['plan']} for a request it planned as {plan} before")
-    static_ms = static_ms if static_first else static()
     return {**run, "static_total_ms": static_ms, "extra_ms": run["total_ms"] - static_ms}
 
 
