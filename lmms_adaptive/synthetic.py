@@ -409,6 +409,39 @@ def _negatives(pairs: Sequence[tuple[str, str]], category: str) -> list[tuple[st
 PLANNERS = {"color": _plan_color, "shape": _plan_shape, "count": _plan_count, "read": _plan_read, "yesno": _plan_yesno}
 
 
+def named_attributes(question: str) -> tuple[int, int]:
+    """(colour, shape) a question names: ``j + 1`` for the ``j``-th of ``COLORS`` / ``SHAPES``, 0 for none."""
+    words = [t.lower() for t in tokens(question)]
+    color = next((1 + list(COLORS).index(w) for w in words if w in COLORS), 0)
+    shape = next((1 + SHAPES.index(w) for w in words if w in SHAPES), 0)
+    return color, shape
+
+
+def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every question of the suite's forms that has one right answer on ``scene``, as (question, answer,
+    qtype), in a shuffled order: the count; the colour of each shape whose kind is unique; the shape of a
+    lone object; yes for each present (colour, shape) and as many no's (absent pairs, adversarial and
+    random in turn). A reading scene has only its sign. Training asks several questions of one image at
+    the price of one image (see `pretrain`)."""
+    if scene.text is not None:
+        kind = "number" if scene.text.text.isdigit() else "word"
+        return [(Q_READ.format(kind=kind), scene.text.text.lower(), "read")]
+    pairs = [(s.kind, s.color) for s in scene.shapes]
+    kinds = [k for k, _ in pairs]
+    out = [(Q_COUNT, str(len(pairs)), "count")]
+    out += [(Q_COLOR.format(shape=k), c, "color") for k, c in pairs if kinds.count(k) == 1]
+    if len(pairs) == 1:
+        out.append((Q_SHAPE, kinds[0], "shape"))
+    out += [(_yesno_question(c, k), "yes", "yesno") for k, c in pairs]
+    negatives = {category: _negatives(pairs, category) for category in ("adversarial", "random")}
+    for i in range(len(pairs)):
+        pool = negatives["adversarial" if i % 2 == 0 else "random"] or negatives["adversarial"]
+        k, c = pool.pop(rng.randrange(len(pool)))
+        out.append((_yesno_question(c, k), "no", "yesno"))
+    rng.shuffle(out)
+    return out
+
+
 # --------------------------------------------------------------------------- splits and streams
 
 

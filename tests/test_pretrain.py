@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import numpy as np
@@ -61,21 +62,107 @@ def test_training_samples_follow_the_mix_deterministically() -> None:
     assert all(pretrain.train_sample(0, i).sample_id.startswith("synth-train") for i in range(n))
 
 
-def test_collate_puts_labels_on_the_answer_tokens(tiny_dir: Path) -> None:
+def _image_questions(tiny_dir: Path, n_questions: int, index: int = 2):
     processor = MolmoeProcessor.from_pretrained(tiny_dir)
-    eos, pad = processor.special.eos, processor.tokenizer.token_to_id("<|padding|>")
-    samples = synthetic.generate("train", 2, seed=3)
-    requests = [processor(s.question + pretrain.POST_PROMPT, [s.image], max_crops=3) for s in samples]
-    answers = [pretrain.answer_ids(processor.tokenizer, s.answer, eos) for s in samples]
-    batch = pretrain.collate(requests, answers, pad)
-    for b, (r, a) in enumerate(zip(requests, answers, strict=True)):
-        n = len(r.input_ids)
-        assert batch.input_ids[b, n : n + len(a)].tolist() == a
-        targets = batch.labels[b][batch.labels[b] >= 0].tolist()
-        assert targets == a and batch.labels[b, n - 1] == a[0]  # position n-1 predicts the first answer token
-        assert processor.decode(a[:-1]).strip() == samples[b].answer and a[-1] == eos
-    assert batch.crops.shape[0] == sum(batch.crops_per_sample)
-    assert batch.n_answer_tokens == sum(len(a) for a in answers)
+    sample = pretrain.train_sample(3, index)
+    qas = pretrain.sample_questions(sample, random.Random(0), n_questions)
+    eos = processor.special.eos
+    return processor, qas, pretrain.image_questions(processor, sample.image, qas, 3, eos)
+
+
+def test_collate_puts_each_questions_labels_on_its_answer_tokens(tiny_dir: Path) -> None:
+    processor, qas, item = _image_questions(tiny_dir, 3)
+    assert len(qas) == 3 and len(item.segments) == 3
+    pad = processor.tokenizer.token_to_id("<|padding|>")
+    batch = pretrain.collate([item, item], pad)
+    ids, labels, positions, segments = (
+        t[0].tolist() for t in (batch.input_ids, batch.labels, batch.positions, batch.segments)
+    )
+    n = len(item.prefix)
+    assert ids[:n] == item.prefix.tolist() and set(segments[:n]) == {0} and positions[:n] == list(range(n))
+    start = n
+    text_question = [q for q, _, _ in qas]
+    for s, ((prompt, answer), (_, text, qtype)) in enumerate(zip(item.segments, qas, strict=True), start=1):
+        end = start + len(prompt) + len(answer)
+        assert ids[start:end] == prompt + answer and set(segments[start:end]) == {s}
+        assert positions[start:end] == list(range(n, n + end - start))  # each question right after the image
+        assert labels[start + len(prompt) - 1 : end - 1] == answer  # the prompt's last token predicts answer[0]
+        assert batch.answer_at[s - 1].tolist() == [0, start + len(prompt) - 1]
+        assert tuple(batch.named[s - 1].tolist()) == synthetic.named_attributes(text_question[s - 1])
+        assert synthetic.QTYPES[batch.question_types[s - 1]] == qtype
+        assert set(batch.label_question[0, start + len(prompt) - 1 : end - 1].tolist()) == {s - 1}
+        assert processor.decode(answer[:-1]).strip() == text and answer[-1] == processor.special.eos
+        start = end
+    assert [x for x in labels if x >= 0] == [t for _, a in item.segments for t in a]
+    # The first question's tokens are exactly what evaluation sends for that question.
+    assert ids[: n + len(item.segments[0][0])] == item.request.input_ids.tolist()
+    assert batch.crops.shape[0] == sum(batch.crops_per_sample) and batch.n_answer_tokens == 2 * len(
+        [t for _, a in item.segments for t in a]
+    )
+
+
+def test_a_packed_question_sees_the_image_and_itself_only(tiny_dir: Path) -> None:
+    processor, _, item = _image_questions(tiny_dir, 3)
+    batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
+    mask, seg = batch.attention_mask()[0, 0], batch.segments[0]
+    for i in range(len(seg)):
+        visible = {int(seg[j]) for j in range(len(seg)) if mask[i, j]}
+        assert not mask[i, i + 1 :].any()  # causal
+        assert visible == ({0} if seg[i] == 0 else {0, int(seg[i])})
+
+
+def test_question_heads_learn_the_named_words_at_the_answer_position(tiny_dir: Path) -> None:
+    processor, _, item = _image_questions(tiny_dir, 8, index=3)  # a yes/no scene: its questions name words
+    batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
+    assert (batch.named > 0).any()
+    torch.manual_seed(0)
+    model = load_model(tiny_dir).requires_grad_(True)
+    heads = pretrain.QuestionHeads(model.config.d_model)
+    schedule = pretrain.sample_step_plan(KnobSpace.from_config(model.config), 0, 0, 1.0).schedule
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = pretrain.batch_losses(model, batch, schedule, heads)["question"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    grads = {
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0 and ".blocks." in n
+    }
+    assert {n.split(".")[3] for n in grads} == {"0", "1"}  # read after the first two scheduled blocks only
+
+
+def test_a_packed_batch_trains_as_its_questions_one_by_one(tiny_dir: Path) -> None:
+    """The packed loss is the mix-weighted mean of the same questions each asked alone."""
+    processor, qas, item = _image_questions(tiny_dir, 3)
+    pad = processor.tokenizer.token_to_id("<|padding|>")
+    model = load_model(tiny_dir)
+    schedule = pretrain.sample_step_plan(KnobSpace.from_config(model.config), 0, 0, 1.0).schedule
+    with torch.no_grad():
+        packed = float(pretrain.batch_losses(model, pretrain.collate([item], pad), schedule)["answer"])
+        alone = [
+            pretrain.image_questions(processor, pretrain.train_sample(3, 2).image, [qa], 3, processor.special.eos)
+            for qa in qas
+        ]
+        losses = [float(pretrain.batch_losses(model, pretrain.collate([a], pad), schedule)["answer"]) for a in alone]
+    by_type = {}
+    for (_, _, qtype), loss in zip(qas, losses, strict=True):
+        by_type.setdefault(qtype, []).append(loss)
+    assert len(by_type) > 1  # the weighting across types is exercised
+    shares = {t: pretrain.LOSS_SHARES[t] for t in by_type}
+    expected = sum(shares[t] * np.mean(v) for t, v in by_type.items()) / sum(shares.values())
+    assert packed == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_answer_loss_keeps_the_mix_whatever_the_number_of_questions_per_type() -> None:
+    token_loss = torch.tensor([1.0, 3.0, 2.0, 2.0, 10.0])
+    token_question = torch.tensor([0, 0, 1, 2, 3])  # question 0 has two answer tokens
+    types = torch.tensor([synthetic.QTYPES.index(t) for t in ("yesno", "yesno", "yesno", "shape")])
+    loss = pretrain.mix_weighted(token_loss, token_question, types)
+    yesno, shape = pretrain.LOSS_SHARES["yesno"], pretrain.LOSS_SHARES["shape"]
+    assert float(loss) == pytest.approx((yesno * 2.0 + shape * 10.0) / (yesno + shape))
 
 
 def test_a_short_run_lowers_the_loss_and_exports_a_checkpoint(tmp_path: Path) -> None:
@@ -85,10 +172,10 @@ def test_a_short_run_lowers_the_loss_and_exports_a_checkpoint(tmp_path: Path) ->
     fixed = next(iter(pretrain.StepStream(run.init, dataclasses.replace(cfg, seed=99, full_plan_prob=1.0), 0)))[2]
     full = pretrain.sample_step_plan(KnobSpace.from_config(MolmoeConfig.from_folder(run.init)), 0, 0, 1.0).schedule
     with torch.no_grad():
-        before = float(pretrain.batch_loss(load_model(run.init), fixed, full))
+        before = float(pretrain.batch_losses(load_model(run.init), fixed, full)["answer"])
     folder = pretrain.train(tmp_path / "run", cfg)
     with torch.no_grad():
-        after = float(pretrain.batch_loss(load_model(folder), fixed, full))
+        after = float(pretrain.batch_losses(load_model(folder), fixed, full)["answer"])
     assert after < 0.7 * before, (before, after)
     assert load_model(folder).config == MolmoeConfig.from_folder(run.init)
     assert (tmp_path / "run" / "curves.png").is_file()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import random
 import re
 import time
 from pathlib import Path
@@ -157,6 +158,44 @@ def test_yesno_rederived_and_balanced(samples):
     assert collections.Counter((s.category, s.answer) for s in yesno[:40]) == {
         ("random", "yes"): 10, ("random", "no"): 10, ("adversarial", "yes"): 10, ("adversarial", "no"): 10
     }  # fmt: skip
+
+
+COLOR_Q = re.compile(r"What color is the (\w+)\?")
+
+
+def test_questions_about_a_scene_are_right_by_construction(samples):
+    rng = random.Random(0)
+    seen = collections.Counter()
+    for s in samples:
+        questions = syn.questions_about(s.scene, rng)
+        assert len({q for q, _, _ in questions}) == len(questions)  # no question twice
+        present = [(o.kind, o.color) for o in s.scene.shapes]
+        for question, answer, qtype in questions:
+            seen[qtype, answer if qtype == "yesno" else ""] += 1
+            if qtype == "read":
+                assert s.scene.text is not None and answer == s.scene.text.text.lower() and len(questions) == 1
+            elif qtype == "count":
+                assert question == syn.Q_COUNT and answer == str(len(present))
+            elif qtype == "shape":
+                assert question == syn.Q_SHAPE and [answer] == [k for k, _ in present]
+            elif qtype == "color":
+                (kind,) = COLOR_Q.fullmatch(question).groups()
+                assert [answer] == [c for k, c in present if k == kind]  # only asked of a kind seen once
+            else:
+                color, kind = YESNO.fullmatch(question).groups()
+                assert answer == ("yes" if (kind, color) in present else "no")
+        if s.scene.text is None:
+            yes = [a for _, a, t in questions if t == "yesno"]
+            assert yes.count("yes") == yes.count("no") == len(present)  # one absent pair per present one
+        if s.answer != "no":  # an absent pair is drawn afresh; every other question of the sample is there
+            assert (s.question, s.answer, s.qtype) in questions
+    assert seen["yesno", "yes"] == seen["yesno", "no"] > 0 and seen["color", ""] > 0 and seen["read", ""] > 0
+
+
+def test_named_attributes():
+    assert syn.named_attributes("Is there a red circle in the image?") == (1 + list(syn.COLORS).index("red"), 1)
+    assert syn.named_attributes("What color is the star?") == (0, 1 + syn.SHAPES.index("star"))
+    assert syn.named_attributes(syn.Q_COUNT) == (0, 0)
 
 
 def decode_text(text: syn.Text, ink: np.ndarray) -> str:
