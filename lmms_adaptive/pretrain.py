@@ -14,8 +14,8 @@ space's options, and a random set of dropped blocks as the plan space allows) an
 prediction of the answers under it, so the model works across plans and degrades gracefully toward cheap
 ones. Each image carries several questions about its scene in one row (:class:`Batch`): every question sees
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
-paid once for all of them. Throw-away read-outs (:class:`QuestionHeads`) ask the early blocks for the
-colour and shape each question names, which yes/no answers need and answer tokens alone never teach. The
+paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
+shape each question names, which yes/no answers need and answer tokens alone never teach. The
 prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
@@ -75,9 +75,9 @@ LOSS_SHARES = {qtype: TRAIN_MIX.count(qtype) / len(TRAIN_MIX) for qtype in synth
 @dataclass(frozen=True)
 class PretrainConfig:
     steps: int = 400
-    batch_size: int = 8  # images per decoder step
-    questions_per_image: int = 8  # each image's own question and up to this many - 1 more about its scene
-    lr: float = 2e-3
+    batch_size: int = 16  # images per decoder step
+    questions_per_image: int = 3  # each image's own question and up to this many - 1 more about its scene
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -183,7 +183,7 @@ class Batch(TensorFields):
     answer_at: Tensor  # [Q, 2]: (row, position) where each question's answer is predicted, in segment order
     label_question: Tensor  # [B, L]: which question (0..Q-1) each label belongs to, -1 where no label
     question_types: Tensor  # [Q]: index of each question's type in `synthetic.QTYPES`
-    named: Tensor  # [Q, 2]: the (colour, shape) each question names (`synthetic.named_attributes`)
+    named: Tensor  # [Q]: the shape each question names (`synthetic.named_shape`)
 
     @property
     def n_answer_tokens(self) -> int:
@@ -209,7 +209,7 @@ class ImageQuestions:
 
     request: ProcessedRequest
     segments: list[tuple[list[int], list[int]]]
-    named: list[tuple[int, int]]  # per segment, the (colour, shape) its question names
+    named: list[int]  # per segment, the shape its question names
     qtypes: list[str]  # per segment, the question's type
 
     @property
@@ -226,7 +226,7 @@ def image_questions(
         (processor.encode_text(format_prompt(q + POST_PROMPT)), answer_ids(processor.tokenizer, a, eos))
         for q, a, _ in qas
     ]
-    return ImageQuestions(request, segments, [synthetic.named_attributes(q) for q, _, _ in qas], [t for _, _, t in qas])
+    return ImageQuestions(request, segments, [synthetic.named_shape(q) for q, _, _ in qas], [t for _, _, t in qas])
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
@@ -306,34 +306,33 @@ def mix_weighted(token_loss: Tensor, token_question: Tensor, question_types: Ten
     return (per_type[present] * shares[present]).sum() / shares[present].sum()
 
 
-QUESTION_READ_BLOCKS = 2  # QuestionHeads read the answer position after this many scheduled blocks
+QUESTION_READ_BLOCKS = 2  # QuestionHead reads the answer position after this many scheduled blocks
 
 
-class QuestionHeads(torch.nn.Module):
-    """Throw-away read-outs (never exported) of the hidden state where an answer is predicted, after the
-    first `QUESTION_READ_BLOCKS` scheduled blocks: the colour and the shape the question names. A yes/no
-    answer compares those words with the image, but answer tokens alone give no gradient towards bringing
-    them there: in the shipped default before these heads, the question's colour read 0.20 at that
-    position after every block (chance 0.10) while the image's colour read 0.83-1.00, and yes/no stayed at
-    chance. Like the vision stage's dense labels, they give the decoder targets for a step it needs."""
+class QuestionHead(torch.nn.Module):
+    """A throw-away read-out (never exported) of the hidden state where an answer is predicted, after the
+    first `QUESTION_READ_BLOCKS` scheduled blocks: the shape the question names (0 for none). A yes/no
+    answer compares that word with the image, but answer tokens alone give no gradient towards bringing
+    it there: in an earlier default without this head, the colour a yes/no question named read 0.20 at
+    that position after every block (chance 0.10) while the image's colour read 0.83-1.00, and yes/no
+    stayed at chance. Like the vision stage's dense labels, it gives the decoder a target for a step it
+    needs."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
-        self.color = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
         self.shape = torch.nn.Linear(d_model, 1 + len(synthetic.SHAPES))
 
     def loss(self, hidden: Tensor, named: Tensor) -> Tensor:
-        """hidden [Q, D] at the answer positions, named [Q, 2] -> the sum of both cross-entropies."""
-        f = torch.nn.functional.cross_entropy
-        return f(self.color(hidden), named[:, 0]) + f(self.shape(hidden), named[:, 1])
+        """hidden [Q, D] at the answer positions, named [Q] -> cross-entropy."""
+        return torch.nn.functional.cross_entropy(self.shape(hidden), named)
 
 
 def batch_losses(
-    model: MolmoeForCausalLM, batch: Batch, schedule: LayerSchedule, question_heads: QuestionHeads | None = None
+    model: MolmoeForCausalLM, batch: Batch, schedule: LayerSchedule, question_head: QuestionHead | None = None
 ) -> dict[str, Tensor]:
     """The losses of a batch under `schedule`: "answer", the cross-entropy of the answer tokens, averaged per
     question, then per question type, then over the types by `LOSS_SHARES`; and "question", the question
-    read-outs' loss, when `question_heads` are given."""
+    read-out's loss, when `question_head` is given."""
     features = model.encode_images(batch.crops, batch.crop_masks)  # [sum crops, tokens, D]
     per_sample = features.split(batch.crops_per_sample)
     padded = features.new_zeros(len(per_sample), batch.image_input_idx.shape[1], *features.shape[1:])
@@ -348,15 +347,15 @@ def batch_losses(
 
     hidden = model.run_blocks(
         x, model.rope(batch.positions), schedule.layers, schedule.renormalize, mask=batch.attention_mask(),
-        on_block=keep_early if question_heads is not None else None,
+        on_block=keep_early if question_head is not None else None,
     )  # fmt: skip
     target = batch.labels >= 0
     logits = model.logits(model.final_norm(hidden[target])).float()
     token_loss = torch.nn.functional.cross_entropy(logits, batch.labels[target], reduction="none")
     losses = {"answer": mix_weighted(token_loss, batch.label_question[target], batch.question_types)}
-    if question_heads is not None:
+    if question_head is not None:
         rows, positions = batch.answer_at.unbind(-1)
-        losses["question"] = question_heads.loss(early[-1][rows, positions], batch.named)
+        losses["question"] = question_head.loss(early[-1][rows, positions], batch.named)
     return losses
 
 
@@ -632,17 +631,17 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
     run.prepare(cfg)
     model = load_model(run.init, torch.device(device), torch.float32).requires_grad_(True).train()
     heads = SceneHeads(model.config.d_model).to(device)
-    question_heads = QuestionHeads(model.config.d_model).to(device)
+    question_head = QuestionHead(model.config.d_model).to(device)
     vision = list(model.model.vision_backbone.parameters())
     vision_ids = {id(p) for p in vision}
-    decoder = [p for p in model.parameters() if id(p) not in vision_ids] + list(question_heads.parameters())
+    decoder = [p for p in model.parameters() if id(p) not in vision_ids] + list(question_head.parameters())
     adamw = {"weight_decay": cfg.weight_decay, "betas": (0.9, 0.95)}
     vision_optimizer = torch.optim.AdamW([{"params": vision + list(heads.parameters())}], lr=cfg.vision_lr, **adamw)
     optimizer = torch.optim.AdamW(
         [{"params": decoder, "scale": 1.0}, {"params": vision, "scale": cfg.vision_lr_scale}], lr=cfg.lr, **adamw
     )
     modules = {
-        "model": model, "heads": heads, "question_heads": question_heads,
+        "model": model, "heads": heads, "question_head": question_head,
         "vision_optimizer": vision_optimizer, "optimizer": optimizer,
     }  # fmt: skip
     start = run.load_state(modules, cfg.vision_steps)
@@ -664,7 +663,7 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
     for step, plan, batch in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step) * group["scale"]
-        losses = batch_losses(model, batch.to(model.lm_head.weight.device), plan.schedule, question_heads)
+        losses = batch_losses(model, batch.to(model.lm_head.weight.device), plan.schedule, question_head)
         optimizer.zero_grad(set_to_none=True)
         (losses["answer"] + losses["question"]).backward()
         torch.nn.utils.clip_grad_norm_(decoder + vision, cfg.grad_clip)

@@ -8,7 +8,9 @@ derived from those same parameters, so it is right by construction. Five questio
 - ``count``: "How many shapes are there?" over 1-6 medium, non-overlapping shapes (answer "1".."6");
 - ``read``: "What word/number is written on the sign?": an uppercase word or a 2-4 digit number
   printed SMALL on a large canvas with the built-in 5x7 bitmap font (:data:`GLYPHS`);
-- ``yesno``: POPE style "Is there a <color> <shape> in the image?", yes/no balanced.
+- ``yesno``: POPE's own form "Is there a <shape> in the image?" over 2-4 medium shapes, yes/no balanced;
+  a "no" names a random absent shape or, adversarially, an absent look-alike of one present
+  (:data:`LOOKALIKES`), as POPE's negatives are random or confusable objects.
 
 Legibility of ``read`` (the knob dependence). The processor resizes an image so that a tiling of
 crops covers it (``select_tiling`` over the image minus the 112 px margins, 224 px windows); a low
@@ -149,7 +151,12 @@ Q_COLOR = "What color is the {shape}?"
 Q_SHAPE = "What shape is shown?"
 Q_COUNT = "How many shapes are there?"
 Q_READ = "What {kind} is written on the sign?"
-Q_YESNO = "Is there {article} {color} {shape} in the image?"
+Q_YESNO = "Is there a {shape} in the image?"
+# pairs of shapes easily told apart only by a detail: the adversarial "no" of a yes/no question
+LOOKALIKES: dict[str, tuple[str, ...]] = {
+    "circle": ("hexagon",), "hexagon": ("circle",), "square": ("diamond",), "diamond": ("square", "triangle"),
+    "triangle": ("diamond",), "star": ("cross",), "cross": ("star",),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data types
@@ -384,60 +391,53 @@ def _plan_yesno(rng: random.Random, cycle: int) -> tuple[Scene, str, str, str]:
     want_yes = cycle % 2 == 0
     category = ("random", "adversarial")[(cycle // 2) % 2]
     size = rng.choice(SIZES)
-    pairs = rng.sample(list(itertools.product(SHAPES, COLORS)), rng.randint(2, 4))
+    while True:
+        pairs = rng.sample(list(itertools.product(SHAPES, COLORS)), rng.randint(2, 4))
+        kinds = sorted({k for k, _ in pairs})
+        candidates = kinds if want_yes else _negatives(kinds, category)
+        if candidates:
+            break
     scene = Scene(size, rng.choice(BACKGROUNDS), _scatter(rng, size, pairs))
-    if want_yes:
-        kind, color = rng.choice(pairs)
-    else:
-        kind, color = rng.choice(_negatives(pairs, category))
-    return scene, _yesno_question(color, kind), "yes" if want_yes else "no", category
+    return scene, Q_YESNO.format(shape=rng.choice(candidates)), "yes" if want_yes else "no", category
 
 
-def _yesno_question(color: str, kind: str) -> str:
-    return Q_YESNO.format(article="an" if color[0] in "aeiou" else "a", color=color, shape=kind)
-
-
-def _negatives(pairs: Sequence[tuple[str, str]], category: str) -> list[tuple[str, str]]:
-    """Absent (shape, color) pairs: adversarial ones share a shape or a colour with a present object."""
-    kinds, colors = {k for k, _ in pairs}, {c for _, c in pairs}
-    absent = [p for p in itertools.product(SHAPES, COLORS) if p not in pairs]
-    if category == "adversarial":
-        return [(k, c) for k, c in absent if k in kinds or c in colors]
-    return [(k, c) for k, c in absent if k not in kinds and c not in colors]
+def _negatives(kinds: Sequence[str], category: str) -> list[str]:
+    """Absent shapes: adversarial ones look like a present one (:data:`LOOKALIKES`), random ones do not."""
+    lookalike = {other for k in kinds for other in LOOKALIKES[k]}
+    absent = [k for k in SHAPES if k not in kinds]
+    return [k for k in absent if (k in lookalike) == (category == "adversarial")]
 
 
 PLANNERS = {"color": _plan_color, "shape": _plan_shape, "count": _plan_count, "read": _plan_read, "yesno": _plan_yesno}
 
 
-def named_attributes(question: str) -> tuple[int, int]:
-    """(colour, shape) a question names: ``j + 1`` for the ``j``-th of ``COLORS`` / ``SHAPES``, 0 for none."""
+def named_shape(question: str) -> int:
+    """The shape a question names: ``i + 1`` for ``SHAPES[i]``, 0 for none."""
     words = [t.lower() for t in tokens(question)]
-    color = next((1 + list(COLORS).index(w) for w in words if w in COLORS), 0)
-    shape = next((1 + SHAPES.index(w) for w in words if w in SHAPES), 0)
-    return color, shape
+    return next((1 + SHAPES.index(w) for w in words if w in SHAPES), 0)
 
 
 def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     """Every question of the suite's forms that has one right answer on ``scene``, as (question, answer,
     qtype), in a shuffled order: the count; the colour of each shape whose kind is unique; the shape of a
-    lone object; yes for each present (colour, shape) and as many no's (absent pairs, adversarial and
-    random in turn). A reading scene has only its sign. Training asks several questions of one image at
-    the price of one image (see `pretrain`)."""
+    lone object; yes for each present shape and as many no's (absent shapes, adversarial and random in
+    turn while there are any). A reading scene has only its sign. Training asks several questions of one
+    image at the price of one image (see `pretrain`)."""
     if scene.text is not None:
         kind = "number" if scene.text.text.isdigit() else "word"
         return [(Q_READ.format(kind=kind), scene.text.text.lower(), "read")]
     pairs = [(s.kind, s.color) for s in scene.shapes]
     kinds = [k for k, _ in pairs]
+    present = sorted(set(kinds))
     out = [(Q_COUNT, str(len(pairs)), "count")]
     out += [(Q_COLOR.format(shape=k), c, "color") for k, c in pairs if kinds.count(k) == 1]
     if len(pairs) == 1:
         out.append((Q_SHAPE, kinds[0], "shape"))
-    out += [(_yesno_question(c, k), "yes", "yesno") for k, c in pairs]
-    negatives = {category: _negatives(pairs, category) for category in ("adversarial", "random")}
-    for i in range(len(pairs)):
-        pool = negatives["adversarial" if i % 2 == 0 else "random"] or negatives["adversarial"]
-        k, c = pool.pop(rng.randrange(len(pool)))
-        out.append((_yesno_question(c, k), "no", "yesno"))
+    out += [(Q_YESNO.format(shape=k), "yes", "yesno") for k in present]
+    negatives = {category: _negatives(present, category) for category in ("adversarial", "random")}
+    for i in range(min(len(present), len(SHAPES) - len(present))):
+        pool = negatives["adversarial" if i % 2 == 0 else "random"] or negatives["adversarial"] or negatives["random"]
+        out.append((Q_YESNO.format(shape=pool.pop(rng.randrange(len(pool)))), "no", "yesno"))
     rng.shuffle(out)
     return out
 
@@ -501,7 +501,7 @@ def vocabulary() -> tuple[str, ...]:
     texts = [Q_SHAPE, Q_COUNT, "yes no", *COLORS, *SHAPES, *(w.lower() for w in WORDS), "0123456789"]
     texts += [Q_COLOR.format(shape=s) for s in SHAPES]
     texts += [Q_READ.format(kind=k) for k in ("word", "number")]
-    texts += [_yesno_question(c, s) for c in COLORS for s in SHAPES]
+    texts += [Q_YESNO.format(shape=s) for s in SHAPES]
     return tuple(sorted({t for text in texts for t in tokens(text)}))
 
 

@@ -88,7 +88,7 @@ def test_collate_puts_each_questions_labels_on_its_answer_tokens(tiny_dir: Path)
         assert positions[start:end] == list(range(n, n + end - start))  # each question right after the image
         assert labels[start + len(prompt) - 1 : end - 1] == answer  # the prompt's last token predicts answer[0]
         assert batch.answer_at[s - 1].tolist() == [0, start + len(prompt) - 1]
-        assert tuple(batch.named[s - 1].tolist()) == synthetic.named_attributes(text_question[s - 1])
+        assert int(batch.named[s - 1]) == synthetic.named_shape(text_question[s - 1])
         assert synthetic.QTYPES[batch.question_types[s - 1]] == qtype
         assert set(batch.label_question[0, start + len(prompt) - 1 : end - 1].tolist()) == {s - 1}
         assert processor.decode(answer[:-1]).strip() == text and answer[-1] == processor.special.eos
@@ -111,18 +111,18 @@ def test_a_packed_question_sees_the_image_and_itself_only(tiny_dir: Path) -> Non
         assert visible == ({0} if seg[i] == 0 else {0, int(seg[i])})
 
 
-def test_question_heads_learn_the_named_words_at_the_answer_position(tiny_dir: Path) -> None:
-    processor, _, item = _image_questions(tiny_dir, 8, index=3)  # a yes/no scene: its questions name words
+def test_the_question_head_learns_the_named_shape_at_the_answer_position(tiny_dir: Path) -> None:
+    processor, _, item = _image_questions(tiny_dir, 8, index=3)  # a yes/no scene: its questions name shapes
     batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
     assert (batch.named > 0).any()
     torch.manual_seed(0)
     model = load_model(tiny_dir).requires_grad_(True)
-    heads = pretrain.QuestionHeads(model.config.d_model)
+    head = pretrain.QuestionHead(model.config.d_model)
     schedule = pretrain.sample_step_plan(KnobSpace.from_config(model.config), 0, 0, 1.0).schedule
-    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=3e-3)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
     losses = []
     for _ in range(8):
-        loss = pretrain.batch_losses(model, batch, schedule, heads)["question"]
+        loss = pretrain.batch_losses(model, batch, schedule, head)["question"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
