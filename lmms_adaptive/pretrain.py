@@ -67,9 +67,6 @@ log = logging.getLogger(__name__)
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 # Shapes, counts and yes/no twice per cycle: the types the vision stage prepares, with the most answers.
 TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno")
-# Each question type's weight in the answer loss: its share of the mix. A scene has more yes/no questions
-# than any other kind, so weighting every question alike would hand most of the gradient to yes/no.
-LOSS_SHARES = {qtype: TRAIN_MIX.count(qtype) / len(TRAIN_MIX) for qtype in synthetic.QTYPES}
 
 
 @dataclass(frozen=True)
@@ -182,7 +179,6 @@ class Batch(TensorFields):
     image_input_idx: Tensor  # [B, max crops, tokens per crop], -1 where none
     answer_at: Tensor  # [Q, 2]: (row, position) where each question's answer is predicted, in segment order
     label_question: Tensor  # [B, L]: which question (0..Q-1) each label belongs to, -1 where no label
-    question_types: Tensor  # [Q]: index of each question's type in `synthetic.QTYPES`
     named: Tensor  # [Q]: the shape each question names (`synthetic.named_shape`)
 
     @property
@@ -210,7 +206,6 @@ class ImageQuestions:
     request: ProcessedRequest
     segments: list[tuple[list[int], list[int]]]
     named: list[int]  # per segment, the shape its question names
-    qtypes: list[str]  # per segment, the question's type
 
     @property
     def prefix(self) -> np.ndarray:
@@ -226,7 +221,7 @@ def image_questions(
         (processor.encode_text(format_prompt(q + POST_PROMPT)), answer_ids(processor.tokenizer, a, eos))
         for q, a, _ in qas
     ]
-    return ImageQuestions(request, segments, [synthetic.named_shape(q) for q, _, _ in qas], [t for _, _, t in qas])
+    return ImageQuestions(request, segments, [synthetic.named_shape(q) for q, _, _ in qas])
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
@@ -264,7 +259,6 @@ def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
         image_input_idx=torch.from_numpy(idx),
         answer_at=torch.tensor(answer_at, dtype=torch.int64),
         label_question=padded(4, -1),
-        question_types=torch.tensor([synthetic.QTYPES.index(t) for item in items for t in item.qtypes]),
         named=torch.tensor([n for item in items for n in item.named], dtype=torch.int64),
     )
 
@@ -297,15 +291,6 @@ def group_mean(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
     return sums / values.new_zeros(n_groups).index_add_(0, groups, torch.ones_like(values))
 
 
-def mix_weighted(token_loss: Tensor, token_question: Tensor, question_types: Tensor) -> Tensor:
-    """Token losses -> per question mean -> per type mean -> the types present, weighted by `LOSS_SHARES`."""
-    per_question = group_mean(token_loss, token_question, len(question_types))
-    per_type = group_mean(per_question, question_types, len(synthetic.QTYPES))
-    shares = torch.tensor([LOSS_SHARES[t] for t in synthetic.QTYPES], device=token_loss.device)
-    present = ~per_type.isnan()
-    return (per_type[present] * shares[present]).sum() / shares[present].sum()
-
-
 QUESTION_READ_BLOCKS = 2  # QuestionHead reads the answer position after this many scheduled blocks
 
 
@@ -331,7 +316,7 @@ def batch_losses(
     model: MolmoeForCausalLM, batch: Batch, schedule: LayerSchedule, question_head: QuestionHead | None = None
 ) -> dict[str, Tensor]:
     """The losses of a batch under `schedule`: "answer", the cross-entropy of the answer tokens, averaged per
-    question, then per question type, then over the types by `LOSS_SHARES`; and "question", the question
+    question, then over the questions (each counts once, whatever its length); and "question", the question
     read-out's loss, when `question_head` is given."""
     features = model.encode_images(batch.crops, batch.crop_masks)  # [sum crops, tokens, D]
     per_sample = features.split(batch.crops_per_sample)
@@ -352,7 +337,7 @@ def batch_losses(
     target = batch.labels >= 0
     logits = model.logits(model.final_norm(hidden[target])).float()
     token_loss = torch.nn.functional.cross_entropy(logits, batch.labels[target], reduction="none")
-    losses = {"answer": mix_weighted(token_loss, batch.label_question[target], batch.question_types)}
+    losses = {"answer": group_mean(token_loss, batch.label_question[target], len(batch.answer_at)).mean()}
     if question_head is not None:
         rows, positions = batch.answer_at.unbind(-1)
         losses["question"] = question_head.loss(early[-1][rows, positions], batch.named)

@@ -82,14 +82,13 @@ def test_collate_puts_each_questions_labels_on_its_answer_tokens(tiny_dir: Path)
     assert ids[:n] == item.prefix.tolist() and set(segments[:n]) == {0} and positions[:n] == list(range(n))
     start = n
     text_question = [q for q, _, _ in qas]
-    for s, ((prompt, answer), (_, text, qtype)) in enumerate(zip(item.segments, qas, strict=True), start=1):
+    for s, ((prompt, answer), (_, text, _)) in enumerate(zip(item.segments, qas, strict=True), start=1):
         end = start + len(prompt) + len(answer)
         assert ids[start:end] == prompt + answer and set(segments[start:end]) == {s}
         assert positions[start:end] == list(range(n, n + end - start))  # each question right after the image
         assert labels[start + len(prompt) - 1 : end - 1] == answer  # the prompt's last token predicts answer[0]
         assert batch.answer_at[s - 1].tolist() == [0, start + len(prompt) - 1]
         assert int(batch.named[s - 1]) == synthetic.named_shape(text_question[s - 1])
-        assert synthetic.QTYPES[batch.question_types[s - 1]] == qtype
         assert set(batch.label_question[0, start + len(prompt) - 1 : end - 1].tolist()) == {s - 1}
         assert processor.decode(answer[:-1]).strip() == text and answer[-1] == processor.special.eos
         start = end
@@ -135,7 +134,7 @@ def test_the_question_head_learns_the_named_shape_at_the_answer_position(tiny_di
 
 
 def test_a_packed_batch_trains_as_its_questions_one_by_one(tiny_dir: Path) -> None:
-    """The packed loss is the mix-weighted mean of the same questions each asked alone."""
+    """The packed loss is the mean of the same questions' losses, each asked alone."""
     processor, qas, item = _image_questions(tiny_dir, 3)
     pad = processor.tokenizer.token_to_id("<|padding|>")
     model = load_model(tiny_dir)
@@ -147,22 +146,12 @@ def test_a_packed_batch_trains_as_its_questions_one_by_one(tiny_dir: Path) -> No
             for qa in qas
         ]
         losses = [float(pretrain.batch_losses(model, pretrain.collate([a], pad), schedule)["answer"]) for a in alone]
-    by_type = {}
-    for (_, _, qtype), loss in zip(qas, losses, strict=True):
-        by_type.setdefault(qtype, []).append(loss)
-    assert len(by_type) > 1  # the weighting across types is exercised
-    shares = {t: pretrain.LOSS_SHARES[t] for t in by_type}
-    expected = sum(shares[t] * np.mean(v) for t, v in by_type.items()) / sum(shares.values())
-    assert packed == pytest.approx(expected, rel=1e-5)
+    assert packed == pytest.approx(np.mean(losses), rel=1e-5)
 
 
-def test_the_answer_loss_keeps_the_mix_whatever_the_number_of_questions_per_type() -> None:
-    token_loss = torch.tensor([1.0, 3.0, 2.0, 2.0, 10.0])
-    token_question = torch.tensor([0, 0, 1, 2, 3])  # question 0 has two answer tokens
-    types = torch.tensor([synthetic.QTYPES.index(t) for t in ("yesno", "yesno", "yesno", "shape")])
-    loss = pretrain.mix_weighted(token_loss, token_question, types)
-    yesno, shape = pretrain.LOSS_SHARES["yesno"], pretrain.LOSS_SHARES["shape"]
-    assert float(loss) == pytest.approx((yesno * 2.0 + shape * 10.0) / (yesno + shape))
+def test_group_mean() -> None:
+    values = torch.tensor([1.0, 3.0, 2.0, 10.0])
+    assert pretrain.group_mean(values, torch.tensor([0, 0, 2, 1]), 3).tolist() == [2.0, 10.0, 2.0]
 
 
 def test_a_short_run_lowers_the_loss_and_exports_a_checkpoint(tmp_path: Path) -> None:
