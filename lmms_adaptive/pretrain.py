@@ -15,7 +15,7 @@ prediction of the answers under it, so the model works across plans and degrades
 ones. Each image carries several questions about its scene in one row (:class:`Batch`): every question sees
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
 paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
-shape each question names, which yes/no answers need and answer tokens alone never teach. The
+shape each question names, which yes/no answers need (it is learned; yes/no still is not, see README). The
 prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
@@ -301,7 +301,8 @@ class QuestionHead(torch.nn.Module):
     it there: in an earlier default without this head, the colour a yes/no question named read 0.20 at
     that position after every block (chance 0.10) while the image's colour read 0.83-1.00, and yes/no
     stayed at chance. Like the vision stage's dense labels, it gives the decoder a target for a step it
-    needs."""
+    needs. It is learned (its loss falls below 0.01) and yes/no still is not: the vision stage does not
+    tell the shapes of a several-object scene apart (README, "Embedded default model")."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
