@@ -436,7 +436,8 @@ def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
     out += [(Q_YESNO.format(shape=k), "yes", "yesno") for k in present]
     negatives = {category: _negatives(present, category) for category in ("adversarial", "random")}
     for i in range(min(len(present), len(SHAPES) - len(present))):
-        pool = negatives["adversarial" if i % 2 == 0 else "random"] or negatives["adversarial"] or negatives["random"]
+        first, second = ("adversarial", "random")[:: 1 if i % 2 == 0 else -1]
+        pool = negatives[first] or negatives[second]
         out.append((Q_YESNO.format(shape=pool.pop(rng.randrange(len(pool)))), "no", "yesno"))
     rng.shuffle(out)
     return out
