@@ -15,7 +15,7 @@ prediction of the answers under it, so the model works across plans and degrades
 ones. Each image carries several questions about its scene in one row (:class:`Batch`): every question sees
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
 paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
-shape each question names, which yes/no answers need (it is learned; yes/no still is not, see README). The
+colour each question names, which a yes/no answer looks up in the image. The
 prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
@@ -179,7 +179,7 @@ class Batch(TensorFields):
     image_input_idx: Tensor  # [B, max crops, tokens per crop], -1 where none
     answer_at: Tensor  # [Q, 2]: (row, position) where each question's answer is predicted, in segment order
     label_question: Tensor  # [B, L]: which question (0..Q-1) each label belongs to, -1 where no label
-    named: Tensor  # [Q]: the shape each question names (`synthetic.named_shape`)
+    named: Tensor  # [Q]: the colour each question names (`synthetic.named_color`)
 
     @property
     def n_answer_tokens(self) -> int:
@@ -205,7 +205,7 @@ class ImageQuestions:
 
     request: ProcessedRequest
     segments: list[tuple[list[int], list[int]]]
-    named: list[int]  # per segment, the shape its question names
+    named: list[int]  # per segment, the colour its question names
 
     @property
     def prefix(self) -> np.ndarray:
@@ -221,7 +221,7 @@ def image_questions(
         (processor.encode_text(format_prompt(q + POST_PROMPT)), answer_ids(processor.tokenizer, a, eos))
         for q, a, _ in qas
     ]
-    return ImageQuestions(request, segments, [synthetic.named_shape(q) for q, _, _ in qas])
+    return ImageQuestions(request, segments, [synthetic.named_color(q) for q, _, _ in qas])
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
@@ -296,21 +296,20 @@ QUESTION_READ_BLOCKS = 2  # QuestionHead reads the answer position after this ma
 
 class QuestionHead(torch.nn.Module):
     """A throw-away read-out (never exported) of the hidden state where an answer is predicted, after the
-    first `QUESTION_READ_BLOCKS` scheduled blocks: the shape the question names (0 for none). A yes/no
+    first `QUESTION_READ_BLOCKS` scheduled blocks: the colour the question names (0 for none). A yes/no
     answer compares that word with the image, but answer tokens alone give no gradient towards bringing
     it there: in an earlier default without this head, the colour a yes/no question named read 0.20 at
     that position after every block (chance 0.10) while the image's colour read 0.83-1.00, and yes/no
     stayed at chance. Like the vision stage's dense labels, it gives the decoder a target for a step it
-    needs. It is learned (its loss falls below 0.01) and yes/no still is not: the vision stage does not
-    tell the shapes of a several-object scene apart (README, "Embedded default model")."""
+    needs."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
-        self.shape = torch.nn.Linear(d_model, 1 + len(synthetic.SHAPES))
+        self.color = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
 
     def loss(self, hidden: Tensor, named: Tensor) -> Tensor:
         """hidden [Q, D] at the answer positions, named [Q] -> cross-entropy."""
-        return torch.nn.functional.cross_entropy(self.shape(hidden), named)
+        return torch.nn.functional.cross_entropy(self.color(hidden), named)
 
 
 def batch_losses(

@@ -88,7 +88,7 @@ def test_collate_puts_each_questions_labels_on_its_answer_tokens(tiny_dir: Path)
         assert positions[start:end] == list(range(n, n + end - start))  # each question right after the image
         assert labels[start + len(prompt) - 1 : end - 1] == answer  # the prompt's last token predicts answer[0]
         assert batch.answer_at[s - 1].tolist() == [0, start + len(prompt) - 1]
-        assert int(batch.named[s - 1]) == synthetic.named_shape(text_question[s - 1])
+        assert int(batch.named[s - 1]) == synthetic.named_color(text_question[s - 1])
         assert set(batch.label_question[0, start + len(prompt) - 1 : end - 1].tolist()) == {s - 1}
         assert processor.decode(answer[:-1]).strip() == text and answer[-1] == processor.special.eos
         start = end
@@ -110,8 +110,8 @@ def test_a_packed_question_sees_the_image_and_itself_only(tiny_dir: Path) -> Non
         assert visible == ({0} if seg[i] == 0 else {0, int(seg[i])})
 
 
-def test_the_question_head_learns_the_named_shape_at_the_answer_position(tiny_dir: Path) -> None:
-    processor, _, item = _image_questions(tiny_dir, 8, index=3)  # a yes/no scene: its questions name shapes
+def test_the_question_head_learns_the_named_colour_at_the_answer_position(tiny_dir: Path) -> None:
+    processor, _, item = _image_questions(tiny_dir, 8, index=3)  # a yes/no scene: its questions name colours
     batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
     assert (batch.named > 0).any()
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ TASKS = {
     "synth_pope_val": ("validation", 20, {"yesno"}),
     "synth_pope_test": ("test", 40, {"yesno"}),
 }
-YESNO = re.compile(r"Is there a (\w+) in the image\?")
+YESNO = re.compile(r"Is there a (\w+) shape in the image\?")
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +147,12 @@ def test_global_view_labels_mark_each_object_where_the_global_view_shows_it(samp
 def test_yesno_rederived_and_balanced(samples):
     yesno = of_type(samples, "yesno")
     for s in yesno:
-        (kind,) = YESNO.fullmatch(s.question).groups()
-        present = {o.kind for o in s.scene.shapes}
-        assert s.answer == ("yes" if kind in present else "no")
+        (color,) = YESNO.fullmatch(s.question).groups()
+        present = {o.color for o in s.scene.shapes}
+        assert s.answer == ("yes" if color in present else "no")
         assert components(s) == len(s.scene.shapes)
         if s.answer == "no":
-            lookalike = any(kind in syn.LOOKALIKES[k] for k in present)
+            lookalike = any(color in syn.LOOKALIKES[c] for c in present)
             assert lookalike == (s.category == "adversarial")
     assert collections.Counter(s.answer for s in yesno) == {"yes": 20, "no": 20}
     assert collections.Counter((s.category, s.answer) for s in yesno[:40]) == {
@@ -182,26 +182,27 @@ def test_questions_about_a_scene_are_right_by_construction(samples):
                 (kind,) = COLOR_Q.fullmatch(question).groups()
                 assert [answer] == [c for k, c in present if k == kind]  # only asked of a kind seen once
             else:
-                (kind,) = YESNO.fullmatch(question).groups()
-                assert answer == ("yes" if kind in {k for k, _ in present} else "no")
+                (color,) = YESNO.fullmatch(question).groups()
+                assert answer == ("yes" if color in {c for _, c in present} else "no")
         if s.scene.text is None:
             yes = [a for _, a, t in questions if t == "yesno"]
-            kinds = len({k for k, _ in present})  # one absent shape per present one, while there are any
-            assert yes.count("yes") == kinds and yes.count("no") == min(kinds, len(syn.SHAPES) - kinds)
-        if s.answer != "no":  # an absent shape is drawn afresh; every other question of the sample is there
+            colors = len({c for _, c in present})  # one absent colour per present one, while there are any
+            assert yes.count("yes") == colors and yes.count("no") == min(colors, len(syn.COLORS) - colors)
+        if s.answer != "no":  # an absent colour is drawn afresh; every other question of the sample is there
             assert (s.question, s.answer, s.qtype) in questions
     assert seen["yesno", "yes"] >= seen["yesno", "no"] > 0.8 * seen["yesno", "yes"]
     assert seen["color", ""] > 0 and seen["read", ""] > 0
 
 
-def test_named_shape():
-    assert syn.named_shape("Is there a circle in the image?") == 1
-    assert syn.named_shape("What color is the star?") == 1 + syn.SHAPES.index("star")
-    assert syn.named_shape(syn.Q_COUNT) == 0
+def test_named_color():
+    assert syn.named_color("Is there a red shape in the image?") == 1
+    assert syn.named_color(syn.Q_YESNO.format(color="gray")) == len(syn.COLORS)
+    assert syn.named_color("What color is the star?") == 0
+    assert syn.named_color(syn.Q_COUNT) == 0
 
 
-def test_lookalikes_are_symmetric_and_cover_every_shape():
-    assert set(syn.LOOKALIKES) == set(syn.SHAPES)
+def test_lookalikes_are_symmetric_and_cover_every_colour():
+    assert set(syn.LOOKALIKES) == set(syn.COLORS)
     assert all(k in syn.LOOKALIKES[other] for k, others in syn.LOOKALIKES.items() for other in others)
 
 
