@@ -73,7 +73,7 @@ TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesn
 class PretrainConfig:
     steps: int = 400
     batch_size: int = 16  # images per decoder step
-    questions_per_image: int = 3  # each image's own question and up to this many - 1 more about its scene
+    questions_per_image: int = 6  # each image's own question and up to this many - 1 more about its scene
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
