@@ -15,8 +15,8 @@ prediction of the answers under it, so the model works across plans and degrades
 ones. Each image carries several questions about its scene in one row (:class:`Batch`): every question sees
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
 paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
-colour each question names, which a yes/no answer looks up in the image. The
-prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
+colour each question names, which a yes/no answer looks up in the image. The prompt is exactly what
+evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
 run continues the same run. Writes into OUT_DIR: `state.pt` (resume point), `vision_metrics.csv`
