@@ -6,8 +6,8 @@ derived from those same parameters, so it is right by construction. Five questio
 - ``color``: "What color is the <shape>?" about one large shape (easy at any tier);
 - ``shape``: "What shape is shown?" about one large shape;
 - ``count``: "How many shapes are there?" over 1-6 medium, non-overlapping shapes (answer "1".."6");
-- ``read``: "What word/number is written on the sign?": an uppercase word or a 2-4 digit number
-  printed SMALL on a large canvas with the built-in 5x7 bitmap font (:data:`GLYPHS`);
+- ``read``: "What number is written on the sign?": a 2-3 digit number on a sign on a large canvas,
+  in the built-in 5x7 bitmap font (:data:`GLYPHS`);
 - ``yesno``: POPE's form "Is there a <colour> shape in the image?" over 2-4 medium shapes, yes/no
   balanced; a "no" names a random absent colour or, adversarially, an absent look-alike of one present
   (:data:`LOOKALIKES`), as POPE's negatives are random or confusable objects. It asks for a colour, not
@@ -16,27 +16,28 @@ derived from those same parameters, so it is right by construction. Five questio
 
 Legibility of ``read`` (the knob dependence). The processor resizes an image so that a tiling of
 crops covers it (``select_tiling`` over the image minus the 112 px margins, 224 px windows); a low
-``max_crops`` means a heavy downscale of a large canvas. Text is drawn with a 2 px font module, so
-glyphs are 14 px tall. Its height after the resize (``14 * processed_scale(w, h, max_crops)``) on
-the ``read`` canvases (:data:`READ_SIZES`):
+``max_crops`` means a heavy downscale of a large canvas. The model sees an image as tokens of 56 x 56
+px of the resized image (:data:`TOKEN_PX`: 2 x 2 patches of 28 px, pooled). Glyphs are drawn with a
+12 px font module, 72 px apart (:data:`FONT_MODULE`); that pitch in image tokens,
+``72 * processed_scale(w, h, max_crops) / 56``, on the ``read`` canvases (:data:`READ_SIZES`):
 
-=============  =========  =========  ==========  ================
-canvas         3 crops    6 crops    12 crops    global 336 view
-=============  =========  =========  ==========  ================
-1280 x 960     4.90 px    8.17 px    11.03 px    3.67 px
-1344 x 1008    4.67 px    7.78 px    10.50 px    3.50 px
-1280 x 1024    4.59 px    7.66 px    10.72 px    3.67 px
-1200 x 1000    4.70 px    7.84 px    10.98 px    3.92 px
-960 x 1280     4.90 px    8.17 px    11.03 px    3.67 px
-1024 x 1280    4.59 px    7.66 px    10.72 px    3.67 px
-1008 x 1344    4.67 px    7.78 px    10.50 px    3.50 px
-=============  =========  =========  ==========  ================
+=============  =======  =======  ========  ===============
+canvas         3 crops  6 crops  12 crops  global 336 view
+=============  =======  =======  ========  ===============
+1280 x 960     0.45     0.75     1.01      0.34
+1344 x 1008    0.43     0.71     0.96      0.32
+1280 x 1024    0.42     0.70     0.98      0.34
+1200 x 1000    0.43     0.72     1.01      0.36
+960 x 1280     0.45     0.75     1.01      0.34
+1024 x 1280    0.42     0.70     0.98      0.34
+1008 x 1344    0.43     0.71     0.96      0.32
+=============  =======  =======  ========  ===============
 
-At 12 crops a font module spans >= 1.5 px (:data:`LEGIBLE_TEXT_PX`: >= 10 px tall): the 5x7 glyphs
-stay readable. At 3 crops it spans <= 0.7 px (:data:`ILLEGIBLE_TEXT_PX`: <= 5 px tall): strokes
-and gaps blur together, below the sampling limit of one pixel per module. 6 crops is in between.
-"Illegible" is meant for a learned model: an ideal observer that knows the font's exact templates
-still tells most single glyphs apart from their blurred grey levels at 0.7 px per module.
+At 12 crops a glyph gets about a token of its own (:data:`LEGIBLE_GLYPH_TOKENS`). At 3 crops two or
+more glyphs share each token (:data:`CROWDED_GLYPH_TOKENS`), and a pooled token of a small model has to
+carry them all; 6 crops is in between. In pixels every tier keeps the strokes (a module is >= 4 px at
+3 crops), so the limit is the model's token budget, not the sampling limit. (A 2 px module, legible at 12 crops and below one pixel
+per module at 3, was never learned by the tiny ViT within a CPU budget: README, "Embedded default".)
 
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
@@ -85,57 +86,23 @@ COLORS: dict[str, RGB] = {
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross")
 BACKGROUNDS: tuple[RGB, ...] = ((255, 255, 255), (246, 243, 232), (234, 241, 250), (240, 248, 236))
 
-# uppercase, 3-5 letters; no VQA-normalised words (articles, number words)
-WORDS = (
-    "STOP", "OPEN", "EXIT", "CAFE", "SALE", "BOOK", "MILK", "PARK", "BANK", "TAXI",
-    "HOTEL", "GATE", "LEFT", "RIGHT", "PUSH", "PULL", "WEST", "EAST", "NORTH", "SOUTH",
-    "BREAD", "FISH", "RICE", "TEA", "JAM", "SOAP", "LAMP", "DOOR", "ROOM", "HALL",
-    "ZONE", "WAIT", "WALK", "SLOW", "FAST", "BIKE", "BOAT", "SHIP", "CAR", "BUS",
-    "VAN", "MAP", "KEY", "BOX", "CUP", "HAT", "SUN", "MOON", "JAZZ", "QUIZ",
-    "YOGA", "ZOO", "GOLF", "PIER", "DUCK",
-)  # fmt: skip
-
 SIZES = (
     (320, 240), (400, 300), (480, 360), (640, 480), (800, 600), (1024, 768), (1280, 960),
     (240, 320), (480, 640), (600, 800), (512, 512), (960, 540), (1024, 576),
 )  # fmt: skip
 # near 4:3 or 5:4: the 3-crop tiling (1 row) is ~0.43x the 12-crop one (3 rows) there
 READ_SIZES = ((1280, 960), (1344, 1008), (1280, 1024), (1200, 1000), (960, 1280), (1024, 1280), (1008, 1344))
-FONT_MODULE = 2  # px per font cell on the canvas: glyphs are 14 px tall
-LEGIBLE_TEXT_PX = 10.0
-ILLEGIBLE_TEXT_PX = 5.0
+FONT_MODULE = 12  # px per font cell on the canvas: glyphs are 60 x 84 px, 72 px apart
+READ_DIGITS = (2, 3)  # the number on a sign has 2 or 3 digits
+TOKEN_PX = 56  # one image token covers 56 x 56 px of a crop (2 x 2 patches of 28 px)
+LEGIBLE_GLYPH_TOKENS = 0.9  # glyph pitch in image tokens at 12 crops: at least this
+CROWDED_GLYPH_TOKENS = 0.5  # ... and at 3 crops at most this: two or more glyphs share each token
 TEXT_COLOR: RGB = (25, 25, 25)
 SIGN_COLOR: RGB = (252, 252, 248)
 SIGN_BORDER: RGB = (90, 90, 90)
 
-# 5x7 glyphs, "#" = ink
+# 5x7 digit glyphs, "#" = ink
 GLYPHS: dict[str, tuple[str, ...]] = {
-    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
-    "B": ("####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."),
-    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
-    "D": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),
-    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
-    "F": ("#####", "#....", "#....", "####.", "#....", "#....", "#...."),
-    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
-    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
-    "I": (".###.", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."),
-    "J": ("..###", "...#.", "...#.", "...#.", "...#.", "#..#.", ".##.."),
-    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
-    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
-    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
-    "N": ("#...#", "#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#"),
-    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
-    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
-    "Q": (".###.", "#...#", "#...#", "#...#", "#.#.#", "#..#.", ".##.#"),
-    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
-    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
-    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
-    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
-    "V": ("#...#", "#...#", "#...#", "#...#", "#...#", ".#.#.", "..#.."),
-    "W": ("#...#", "#...#", "#...#", "#.#.#", "#.#.#", "#.#.#", ".#.#."),
-    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
-    "Y": ("#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."),
-    "Z": ("#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"),
     "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
     "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
     "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
@@ -152,7 +119,7 @@ GLYPH_W, GLYPH_H = 5, 7
 Q_COLOR = "What color is the {shape}?"
 Q_SHAPE = "What shape is shown?"
 Q_COUNT = "How many shapes are there?"
-Q_READ = "What {kind} is written on the sign?"
+Q_READ = "What number is written on the sign?"
 Q_YESNO = "Is there a {color} shape in the image?"
 # neighbours on the colour wheel (brown, black and gray by lightness): the adversarial "no" of a yes/no question
 LOOKALIKES: dict[str, tuple[str, ...]] = {
@@ -199,7 +166,7 @@ class Scene:
     size: tuple[int, int]
     background: RGB
     shapes: tuple[Shape, ...] = ()
-    text: Text | None = None
+    texts: tuple[Text, ...] = ()  # signs: a reading question's scene has one
 
 
 @dataclass(frozen=True)
@@ -262,14 +229,20 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill: RGB | int | None 
         draw.polygon(_polygon(shape.kind, shape.cx, shape.cy, shape.r), fill=fill)
 
 
+def _glyph_boxes(text: Text) -> list[tuple[int, int, int, int]]:
+    """Each glyph's 5x7-module cell, inclusive (x0, y0, x1, y1) as PIL draws rectangles."""
+    m = text.module
+    lefts = [text.x + i * (GLYPH_W + 1) * m for i in range(len(text.text))]
+    return [(x, text.y, x + GLYPH_W * m - 1, text.y + GLYPH_H * m - 1) for x in lefts]
+
+
 def _draw_text(draw: ImageDraw.ImageDraw, text: Text) -> None:
     m = text.module
-    for i, char in enumerate(text.text):
-        left = text.x + i * (GLYPH_W + 1) * m
+    for char, (left, top, _, _) in zip(text.text, _glyph_boxes(text)):
         for row, line in enumerate(GLYPHS[char]):
             for col, cell in enumerate(line):
                 if cell == "#":
-                    x, y = left + col * m, text.y + row * m
+                    x, y = left + col * m, top + row * m
                     draw.rectangle((x, y, x + m - 1, y + m - 1), fill=TEXT_COLOR)
 
 
@@ -286,30 +259,41 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
         _draw_shape(draw, shape)
-    if scene.text is not None:
-        x0, y0, x1, y1 = sign_box(scene.text)
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=SIGN_COLOR, outline=SIGN_BORDER, width=scene.text.module)
-        _draw_text(draw, scene.text)
+    for text in scene.texts:
+        x0, y0, x1, y1 = sign_box(text)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=SIGN_COLOR, outline=SIGN_BORDER, width=text.module)
+        _draw_text(draw, text)
     return image
 
 
-def global_view_labels(
-    scene: Scene, size: tuple[int, int], cell: int, min_cover: float = 0.05
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cell (shape kind, colour) labels of the scene as the processor's global view shows it: the image
-    fitted into ``size`` (:func:`~lmms_adaptive.processor.fit_box`) and cut into ``cell`` px cells (one cell
-    = one pooled image token). 0 is background; kind ``i + 1`` is ``SHAPES[i]`` and colour ``j + 1`` the
-    ``j``-th of ``COLORS``. A cell takes the most frequent shape among its pixels once shapes cover
-    ``min_cover`` of it. Pure: the targets of the vision stage of pre-training, right by construction."""
-    kinds, colors = Image.new("L", scene.size, 0), Image.new("L", scene.size, 0)
-    draw_kind, draw_color = ImageDraw.Draw(kinds), ImageDraw.Draw(colors)
+@dataclass(frozen=True)
+class ViewLabels:
+    """Per-token labels of a view (0 = nothing there): the targets of the vision stage of pre-training."""
+
+    kinds: np.ndarray  # shape kind i + 1 = SHAPES[i]
+    colors: np.ndarray  # colour j + 1 = the j-th of COLORS
+    digits: np.ndarray  # digit d + 1 of a sign's glyph
+    places: np.ndarray  # that glyph's place in its number, 1 = the leftmost
+
+
+def view_labels(scene: Scene, size: tuple[int, int], cell: int, min_cover: float = 0.05) -> ViewLabels:
+    """Per-cell labels of the scene as the processor shows it fitted into ``size`` (the global view, or a
+    crop of a :func:`sign_sheet`; :func:`~lmms_adaptive.processor.fit_box`) and cut into ``cell`` px cells
+    (one cell = one pooled image token). A cell takes the most frequent object (shape, or a glyph's ink
+    box) among its pixels once objects cover ``min_cover`` of it. Pure, and right by construction."""
+    maps = [Image.new("L", scene.size, 0) for _ in range(4)]
+    kinds, colors, digits, places = (ImageDraw.Draw(m) for m in maps)
     for shape in scene.shapes:
-        _draw_shape(draw_kind, shape, 1 + SHAPES.index(shape.kind))
-        _draw_shape(draw_color, shape, 1 + list(COLORS).index(shape.color))
+        _draw_shape(kinds, shape, 1 + SHAPES.index(shape.kind))
+        _draw_shape(colors, shape, 1 + list(COLORS).index(shape.color))
+    for text in scene.texts:
+        for place, (char, box) in enumerate(zip(text.text, _glyph_boxes(text)), start=1):
+            digits.rectangle(box, fill=1 + int(char))
+            places.rectangle(box, fill=place)
     new_h, new_w, top, left = fit_box(scene.size[1], scene.size[0], size)
     rows, cols = size[0] // cell, size[1] // cell
     out = []
-    for labels, n_classes in ((kinds, 1 + len(SHAPES)), (colors, 1 + len(COLORS))):
+    for labels, n_classes in zip(maps, (1 + len(SHAPES), 1 + len(COLORS), 11, 1 + READ_DIGITS[1])):
         canvas = np.zeros(size, dtype=np.int64)
         canvas[top : top + new_h, left : left + new_w] = np.asarray(labels.resize((new_w, new_h), Image.NEAREST))
         cells = (
@@ -317,7 +301,7 @@ def global_view_labels(
         )
         share = np.stack([(cells == c).mean(axis=-1) for c in range(n_classes)], axis=-1)
         out.append(np.where(share[..., 1:].sum(axis=-1) >= min_cover, 1 + share[..., 1:].argmax(axis=-1), 0))
-    return out[0], out[1]
+    return ViewLabels(*out)
 
 
 # --------------------------------------------------------------------------- scene planning
@@ -376,17 +360,36 @@ def _plan_count(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
     return scene, Q_COUNT, str(n), ""
 
 
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(10 ** (READ_DIGITS[0] - 1), 10 ** rng.randint(*READ_DIGITS) - 1))
+
+
 def _plan_read(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
     size = rng.choice(READ_SIZES)
-    if rng.random() < 0.5:
-        kind, content = "word", rng.choice(WORDS)
-    else:
-        kind, content = "number", str(rng.randint(10, 10 ** rng.randint(2, 4) - 1))
+    content = _number(rng)
     width, height = Text(content, 0, 0).box[2:]
     pad = 4 * FONT_MODULE
     text = Text(content, rng.randint(pad, size[0] - width - pad), rng.randint(pad, size[1] - height - pad))
-    scene = Scene(size, rng.choice(BACKGROUNDS), (), text)
-    return scene, Q_READ.format(kind=kind), content.lower(), ""
+    return Scene(size, rng.choice(BACKGROUNDS), (), (text,)), Q_READ, content, ""
+
+
+def sign_sheet(rng: random.Random, max_crops: int) -> Scene:
+    """What one crop shows of a reading canvas (:data:`READ_SIZES`) at ``max_crops``, but filled with signs in
+    rows, each cut wherever the crop's edge falls: the vision stage's reading views. Its side is the crop's
+    (336 px) over the processor's resize factor, so the glyphs come out exactly as large as in that crop."""
+    width, height = rng.choice(READ_SIZES)
+    side = math.ceil(DEFAULT_VISION.crop_size / processed_scale(width, height, max_crops))
+    m = FONT_MODULE
+    row_height = (GLYPH_H + 8) * m
+    texts, y = [], rng.randint(-row_height // 2, 0)
+    while y < side:
+        x = rng.randint(-row_height, 0)
+        while x < side:
+            text = Text(_number(rng), x, y)
+            texts.append(text)
+            x = sign_box(text)[2] + rng.randint(2 * m, 12 * m)
+        y += row_height + rng.randint(0, 4 * m)
+    return Scene((side, side), rng.choice(BACKGROUNDS), (), tuple(texts))
 
 
 def _plan_yesno(rng: random.Random, cycle: int) -> tuple[Scene, str, str, str]:
@@ -426,9 +429,9 @@ def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
     lone object; yes for each present colour and as many no's (absent colours, adversarial and random in
     turn while there are any). A reading scene has only its sign. Training asks several questions of one
     image at the price of one image (see `pretrain`)."""
-    if scene.text is not None:
-        kind = "number" if scene.text.text.isdigit() else "word"
-        return [(Q_READ.format(kind=kind), scene.text.text.lower(), "read")]
+    if scene.texts:
+        (text,) = scene.texts
+        return [(Q_READ, text.text, "read")]
     pairs = [(s.kind, s.color) for s in scene.shapes]
     kinds = [k for k, _ in pairs]
     present = sorted({c for _, c in pairs})
@@ -502,9 +505,8 @@ def tokens(text: str) -> list[str]:
 @lru_cache(maxsize=1)
 def vocabulary() -> tuple[str, ...]:
     """Every token (see :func:`tokens`) a question or answer can contain, sorted."""
-    texts = [Q_SHAPE, Q_COUNT, "yes no", *COLORS, *SHAPES, *(w.lower() for w in WORDS), "0123456789"]
+    texts = [Q_SHAPE, Q_COUNT, Q_READ, "yes no", *COLORS, *SHAPES, "0123456789"]
     texts += [Q_COLOR.format(shape=s) for s in SHAPES]
-    texts += [Q_READ.format(kind=k) for k in ("word", "number")]
     texts += [Q_YESNO.format(color=c) for c in COLORS]
     return tuple(sorted({t for text in texts for t in tokens(text)}))
 
@@ -522,7 +524,6 @@ def textvqa_rows(samples: Sequence[Sample], first_id: int = 0) -> list[dict[str,
     """Rows in the column layout of lmms-eval's textvqa (plus ``qtype``)."""
     rows = []
     for i, s in enumerate(samples):
-        text = s.scene.text
         rows.append(
             {
                 "image_id": s.sample_id,
@@ -535,7 +536,7 @@ def textvqa_rows(samples: Sequence[Sample], first_id: int = 0) -> list[dict[str,
                 "answers": list(s.answers),
                 "image_classes": sorted({shape.kind for shape in s.scene.shapes}),
                 "set_name": "val",
-                "ocr_tokens": [text.text] if text else [],
+                "ocr_tokens": [text.text for text in s.scene.texts],
                 "qtype": s.qtype,
             }
         )

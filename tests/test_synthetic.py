@@ -119,18 +119,21 @@ def test_count_matches_connected_components(samples):
     assert {s.answer for s in counts} == {str(n) for n in range(1, 7)}
 
 
-def test_global_view_labels_mark_each_object_where_the_global_view_shows_it(samples):
+def test_view_labels_mark_each_object_where_the_global_view_shows_it(samples):
     """Labels come from the scene; check them against the rendered pixels through the processor's geometry."""
     from lmms_adaptive.processor import fit_box
 
     size, cell = (336, 336), 56
     for s in of_type(samples, "count") + of_type(samples, "shape"):
-        kinds, colors = syn.global_view_labels(s.scene, size, cell)
+        labels = syn.view_labels(s.scene, size, cell)
+        kinds, colors = labels.kinds, labels.colors
         assert kinds.shape == colors.shape == (6, 6)
-        assert ((kinds > 0) == (colors > 0)).all()
+        assert ((kinds > 0) == (colors > 0)).all() and not labels.digits.any() and not labels.places.any()
         new_h, new_w, top, left = fit_box(s.scene.size[1], s.scene.size[0], size)
         scale = new_w / s.scene.size[0]
-        for shape in s.scene.shapes:  # the cell under each object's centre is labelled with it
+        for shape in s.scene.shapes:  # the cell under each object's centre is labelled with it, once it is large
+            if shape.r * scale < cell / 3:
+                continue
             row, col = int((top + shape.cy * scale) // cell), int((left + shape.cx * scale) // cell)
             assert kinds[row, col] == 1 + syn.SHAPES.index(shape.kind), s.sample_id
             assert colors[row, col] == 1 + list(syn.COLORS).index(shape.color), s.sample_id
@@ -173,7 +176,7 @@ def test_questions_about_a_scene_are_right_by_construction(samples):
         for question, answer, qtype in questions:
             seen[qtype, answer if qtype == "yesno" else ""] += 1
             if qtype == "read":
-                assert s.scene.text is not None and answer == s.scene.text.text.lower() and len(questions) == 1
+                assert question == syn.Q_READ and [answer] == [t.text for t in s.scene.texts] and len(questions) == 1
             elif qtype == "count":
                 assert question == syn.Q_COUNT and answer == str(len(present))
             elif qtype == "shape":
@@ -184,7 +187,7 @@ def test_questions_about_a_scene_are_right_by_construction(samples):
             else:
                 (color,) = YESNO.fullmatch(question).groups()
                 assert answer == ("yes" if color in {c for _, c in present} else "no")
-        if s.scene.text is None:
+        if not s.scene.texts:
             yes = [a for _, a, t in questions if t == "yesno"]
             colors = len({c for _, c in present})  # one absent colour per present one, while there are any
             assert yes.count("yes") == colors and yes.count("no") == min(colors, len(syn.COLORS) - colors)
@@ -222,24 +225,52 @@ def test_glyphs_are_distinct_and_full_height():
     for glyph in syn.GLYPHS.values():
         assert len(glyph) == syn.GLYPH_H and all(len(row) == syn.GLYPH_W for row in glyph)
         assert "#" in glyph[0] and "#" in glyph[-1]  # ink spans the whole text height
-    assert set("".join(syn.WORDS)) <= set(syn.GLYPHS)
+    assert set(syn.GLYPHS) == set("0123456789")
 
 
 def test_read_text_is_small_and_right(samples):
     reads = of_type(samples, "read")
     for s in reads:
-        text, (w, h) = s.scene.text, s.image.size
+        (text,), (w, h) = s.scene.texts, s.image.size
         x0, y0, x1, y1 = text.box
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         ink = np.all(pixels(s) == np.array(syn.TEXT_COLOR, dtype=np.uint8), axis=2)
         ink_y, ink_x = np.nonzero(ink)
         assert x0 <= ink_x.min() and ink_x.max() < x1 and ink_y.min() == y0 and ink_y.max() == y1 - 1
-        assert decode_text(text, ink) == text.text and s.answer == text.text.lower()
-        assert ("number" in s.question) == text.text.isdigit()
-        height = y1 - y0
-        assert height * syn.processed_scale(w, h, 3) <= syn.ILLEGIBLE_TEXT_PX
-        assert height * syn.processed_scale(w, h, 12) >= syn.LEGIBLE_TEXT_PX
-    assert {s.answer.isdigit() for s in reads} == {True, False}
+        assert decode_text(text, ink) == text.text == s.answer and s.question == syn.Q_READ
+        assert len(text.text) in syn.READ_DIGITS and text.text[0] != "0"
+        pitch = (syn.GLYPH_W + 1) * text.module
+        assert pitch * syn.processed_scale(w, h, 3) <= syn.CROWDED_GLYPH_TOKENS * syn.TOKEN_PX
+        assert pitch * syn.processed_scale(w, h, 12) >= syn.LEGIBLE_GLYPH_TOKENS * syn.TOKEN_PX
+    assert {len(s.answer) for s in reads} == set(syn.READ_DIGITS)
+
+
+def test_sign_sheet_is_a_crop_at_the_tier_scale_and_its_labels_name_each_glyph():
+    from lmms_adaptive.processor import DEFAULT_VISION
+
+    crop, cell = DEFAULT_VISION.crop_size, syn.TOKEN_PX
+    for tier in (3, 6, 12):
+        for seed in range(4):
+            scene = syn.sign_sheet(random.Random(seed), tier)
+            side = scene.size[0]
+            assert scene.size == (side, side) and not scene.shapes and len(scene.texts) >= 2
+            assert any(crop / syn.processed_scale(w, h, tier) <= side < crop / syn.processed_scale(w, h, tier) + 1
+                       for w, h in syn.READ_SIZES)  # fmt: skip
+            ink = np.all(np.asarray(syn.render(scene)) == np.array(syn.TEXT_COLOR, dtype=np.uint8), axis=2)
+            labels = syn.view_labels(scene, (crop, crop), cell)
+            assert not labels.kinds.any() and ((labels.digits > 0) == (labels.places > 0)).all()
+            scale = crop / side
+            for text in scene.texts:
+                assert len(text.text) in syn.READ_DIGITS and text.text[0] != "0"
+                x0, y0, x1, y1 = text.box
+                if 0 <= x0 and 0 <= y0 and x1 <= side and y1 <= side:
+                    assert decode_text(text, ink) == text.text
+                for place, char in enumerate(text.text, start=1):  # the token under a glyph's centre names it
+                    left = text.x + (place - 1) * (syn.GLYPH_W + 1) * text.module
+                    cx, cy = left + syn.GLYPH_W * text.module / 2, text.y + syn.GLYPH_H * text.module / 2
+                    row, col = int(cy * scale // cell), int(cx * scale // cell)
+                    if 0 <= cx < side and 0 <= cy < side and tier == 12:  # a glyph fills most of its token
+                        assert labels.digits[row, col] == 1 + int(char) and labels.places[row, col] == place
 
 
 def test_processed_scale_shrinks_with_fewer_crops():
