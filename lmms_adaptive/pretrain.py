@@ -4,10 +4,11 @@
     python -m lmms_adaptive.pretrain OUT_DIR --steps 40 --eval-every 20  # a quick smoke run
 
 Two stages. The vision stage trains the vision backbone alone (ViT, pooling, projector) on the global
-views of training scenes, against throw-away read-outs of its output tokens (:class:`SceneHeads`): under
-each token, which shape kind and colour lies there (dense labels drawn from the scene itself, see
-`synthetic.global_view_labels`), and per image the object count and the single object's shape and
-colour. A ViT trained from scratch through the decoder alone memorises instead of generalising within a
+views of training scenes and on crops of sign sheets (`synthetic.sign_sheet`: rows of numbers at the
+scale a tier's crop shows them), against throw-away read-outs of its output tokens (:class:`SceneHeads`):
+under each token, which shape kind and colour, or which digit and its place in the number, lies there
+(dense labels drawn from the scene itself, see `synthetic.view_labels`), and per image the object count
+and the single object's shape and colour. A ViT trained from scratch through the decoder alone memorises instead of generalising within a
 CPU budget; the dense labels give it dozens of targets per image, as a pretrained CLIP encoder does the
 real model. Then each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
 space's options, and a random set of dropped blocks as the plan space allows) and trains next-token
@@ -65,8 +66,9 @@ log = logging.getLogger(__name__)
 
 # What lmms-eval's textvqa / pope task configs append to the question (their default post_prompt).
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
-# Shapes, counts and yes/no twice per cycle: the types the vision stage prepares, with the most answers.
-TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno")
+# Shapes, counts, yes/no and reading twice per cycle: the types with the most answers, and a reading image
+# carries one question where a shape scene carries several.
+TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno", "read")
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,9 @@ class PretrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     full_plan_prob: float = 0.25  # share of steps at the full decoder (any tier)
-    vision_steps: int = 1200  # vision-stage steps before the decoder steps
-    vision_batch_size: int = 32
+    vision_steps: int = 1600  # vision-stage steps before the decoder steps
+    vision_batch_size: int = 32  # global views of shape scenes per vision step
+    vision_sheets: int = 24  # sign-sheet crops per vision step, on top
     vision_lr: float = 1e-3
     vision_pool: int = 6400  # distinct vision-stage scenes (reused in turn)
     vision_lr_scale: float = 0.3  # the vision backbone's lr in the decoder stage, relative to lr
@@ -354,12 +357,15 @@ MAX_COUNT = 6
 
 @dataclass
 class VisionBatch(TensorFields):
-    """Global views of training scenes and their labels (-1 where an image-level label does not apply)."""
+    """Views and their labels (-1 where a label does not apply): global views of shape scenes, then crops of
+    sign sheets (`synthetic.sign_sheet`)."""
 
-    crops: Tensor  # [B, patches, patch_dim]: each scene's global view, exactly as the processor makes it
-    masks: Tensor  # [B, patches]: share of real (not padding) pixels per patch of the global view
+    crops: Tensor  # [B, patches, patch_dim]: each view exactly as the processor makes it
+    masks: Tensor  # [B, patches]: share of real (not padding) pixels per patch
     kinds: Tensor  # [B, tokens]: shape kind under each pooled token (0 background)
     colors: Tensor  # [B, tokens]: colour under each pooled token (0 background)
+    digits: Tensor  # [B, tokens]: digit under each pooled token, -1 where there is none
+    places: Tensor  # [B, tokens]: that digit's place in its number, -1 where there is none
     counts: Tensor  # [B]: number of shapes - 1
     shape: Tensor  # [B]: the single object's kind, or -1
     color: Tensor  # [B]: the single object's colour, or -1
@@ -367,67 +373,84 @@ class VisionBatch(TensorFields):
 
 @dataclass(frozen=True)
 class VisionItem:
-    """One scene's global view and labels. The patches are `preprocess_image`'s global view (in fp16). The
-    mask is the view's own real-pixel share: the processor pairs the global view with the first tile's
-    mask (the original's shift), which depends on the tier this stage has no tier for."""
+    """One view and its labels, the patches in fp16. A shape scene's view is `preprocess_image`'s global view,
+    a sign sheet's is one crop. The mask is the view's own real-pixel share: the processor pairs the global
+    view with the first tile's mask (the original's shift), which depends on the tier this stage has no
+    tier for."""
 
     crop: np.ndarray
     mask: np.ndarray
-    kinds: np.ndarray
-    colors: np.ndarray
+    labels: synthetic.ViewLabels
     count: int
     shape: int
     color: int
 
 
-def vision_item(cfg: VisionPreprocessConfig, sample: synthetic.Sample) -> VisionItem:
+def vision_item(cfg: VisionPreprocessConfig, scene: synthetic.Scene) -> VisionItem:
     size, patch = cfg.base_image_input_size, cfg.image_patch_size
-    pixels, real = resize_and_pad(to_rgb_array(sample.image), size, cfg)
-    kinds, colors = synthetic.global_view_labels(sample.scene, size, 2 * patch)  # a token = 2x2 patches
-    shapes = sample.scene.shapes
+    pixels, real = resize_and_pad(to_rgb_array(synthetic.render(scene)), size, cfg)
+    shapes = scene.shapes
     single = shapes[0] if len(shapes) == 1 else None
     return VisionItem(
         crop=patchify(pixels, patch).astype(np.float16),
         mask=patchify(real[..., None].astype(np.float32), patch).mean(axis=-1),
-        kinds=kinds.ravel(),
-        colors=colors.ravel(),
-        count=len(shapes) - 1,
+        labels=synthetic.view_labels(scene, size, 2 * patch),  # a token = 2x2 patches
+        count=len(shapes) - 1 if shapes else -1,
         shape=synthetic.SHAPES.index(single.kind) if single else -1,
         color=list(synthetic.COLORS).index(single.color) if single else -1,
     )
 
 
 def vision_batch(items: list[VisionItem]) -> VisionBatch:
+    def dense(name: str) -> Tensor:
+        return torch.from_numpy(np.stack([getattr(i.labels, name).ravel() for i in items]))
+
+    def glyph_only(labels: Tensor) -> Tensor:
+        """Digit read-outs train on glyph tokens only: they are a minority of the tokens even on a sign sheet,
+        and background, which the kind and colour labels already mark, would dominate the loss."""
+        return torch.where(labels > 0, labels - 1, -1)
+
     return VisionBatch(
         crops=torch.from_numpy(np.stack([i.crop for i in items])).float(),
         masks=torch.from_numpy(np.stack([i.mask for i in items])),
-        kinds=torch.from_numpy(np.stack([i.kinds for i in items])),
-        colors=torch.from_numpy(np.stack([i.colors for i in items])),
+        kinds=dense("kinds"),
+        colors=dense("colors"),
+        digits=glyph_only(dense("digits")),
+        places=glyph_only(dense("places")),
         counts=torch.tensor([i.count for i in items]),
         shape=torch.tensor([i.shape for i in items]),
         color=torch.tensor([i.color for i in items]),
     )
 
 
-def vision_sample(seed: int, index: int) -> synthetic.Sample:
-    """The `index`-th vision-stage scene: the shape question types in turn, from the training split's
+def vision_scene(seed: int, index: int) -> synthetic.Scene:
+    """The `index`-th vision-stage shape scene: the shape question types in turn, from the training split's
     own sample streams, past the ones the decoder stage reads (`train_sample` uses cycles from 0)."""
     cycle, slot = divmod(index, len(VISION_QTYPES))
-    return synthetic.make_sample("train", seed, VISION_QTYPES[slot], 10**7 + cycle)
+    return synthetic.make_sample("train", seed, VISION_QTYPES[slot], 10**7 + cycle).scene
 
 
-SCENE_READOUTS = ("kind", "color", "count", "shape", "object_color")
+def sheet_scene(space: KnobSpace, seed: int, index: int) -> synthetic.Scene:
+    """The `index`-th vision-stage sign sheet, at a tier drawn from the plan space's."""
+    rng = random.Random(f"sheet/{seed}/{index}")
+    return synthetic.sign_sheet(rng, rng.choice(space.tiers))
+
+
+SCENE_READOUTS = ("kind", "color", "digit", "place", "count", "shape", "object_color")
 
 
 class SceneHeads(torch.nn.Module):
     """Throw-away linear read-outs of the vision tokens [B, T, d_model] (never exported): per token the
-    shape kind and colour under it, per image the count (mean over tokens) and the single object's shape
-    and colour (attention-pooled with a learned query each)."""
+    shape kind and colour under it and a sign's digit and its place in the number, per image the count
+    (mean over tokens) and the single object's shape and colour (attention-pooled with a learned query
+    each)."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.kind = torch.nn.Linear(d_model, 1 + len(synthetic.SHAPES))
         self.color = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
+        self.digit = torch.nn.Linear(d_model, 10)
+        self.place = torch.nn.Linear(d_model, synthetic.READ_DIGITS[1])
         self.count = torch.nn.Linear(d_model, MAX_COUNT)
         self.shape = torch.nn.Linear(d_model, len(synthetic.SHAPES))
         self.object_color = torch.nn.Linear(d_model, len(synthetic.COLORS))
@@ -441,6 +464,8 @@ class SceneHeads(torch.nn.Module):
         return {
             "kind": (self.kind(tokens).flatten(0, 1), batch.kinds.flatten()),
             "color": (self.color(tokens).flatten(0, 1), batch.colors.flatten()),
+            "digit": (self.digit(tokens).flatten(0, 1), batch.digits.flatten()),
+            "place": (self.place(tokens).flatten(0, 1), batch.places.flatten()),
             "count": (self.count(tokens.mean(dim=1)), batch.counts),
             "shape": (self.shape(pooled[0]), batch.shape),
             "object_color": (self.object_color(pooled[1]), batch.color),
@@ -466,16 +491,20 @@ class VisionStream(torch.utils.data.IterableDataset):
         self.folder, self.cfg, self.start = folder, cfg, start
 
     def __iter__(self) -> Iterator[tuple[int, VisionBatch]]:
-        """Scenes cycle through a pool of `cfg.vision_pool`, each prepared once (resizing dominates the cost)."""
+        """Shape scenes cycle through a pool of `cfg.vision_pool`, each prepared once (resizing dominates the
+        cost); sign sheets are fresh every step."""
         torch.set_num_threads(1)
         vision = MolmoeProcessor.from_pretrained(self.folder).vision
+        space = KnobSpace.from_config(MolmoeConfig.from_folder(self.folder))
         cfg, prepared = self.cfg, {}
         for step in range(self.start, cfg.vision_steps):
             indices = [(step * cfg.vision_batch_size + i) % cfg.vision_pool for i in range(cfg.vision_batch_size)]
             for i in indices:
                 if i not in prepared:
-                    prepared[i] = vision_item(vision, vision_sample(cfg.seed, i))
-            yield step, vision_batch([prepared[i] for i in indices])
+                    prepared[i] = vision_item(vision, vision_scene(cfg.seed, i))
+            first = step * cfg.vision_sheets
+            sheets = [sheet_scene(space, cfg.seed, i) for i in range(first, first + cfg.vision_sheets)]
+            yield step, vision_batch([prepared[i] for i in indices] + [vision_item(vision, s) for s in sheets])
 
 
 # ----------------------------------------------------------------------------------------------------

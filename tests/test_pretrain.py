@@ -26,6 +26,7 @@ QUICK = pretrain.PretrainConfig(
     save_every=3,
     vision_steps=4,
     vision_batch_size=2,
+    vision_sheets=1,
     vision_pool=6,
 )
 
@@ -210,31 +211,41 @@ def test_config_validation_and_schedule() -> None:
     assert cfg.lr_at(99) == pytest.approx(0.1, abs=1e-3)
 
 
-def test_vision_items_carry_the_global_view_and_its_labels(tiny_dir: Path) -> None:
+def test_vision_items_carry_the_view_and_its_labels(tiny_dir: Path, knobs: KnobSpace) -> None:
     vision = MolmoeProcessor.from_pretrained(tiny_dir).vision
     n = len(pretrain.VISION_QTYPES)
-    scenes = (pretrain.vision_sample(0, pretrain.VISION_QTYPES.index("count") + n * i) for i in range(20))
-    count = next(s for s in scenes if len(s.scene.shapes) > 1)
-    single = pretrain.vision_sample(0, pretrain.VISION_QTYPES.index("shape"))
-    a, b = pretrain.vision_item(vision, count), pretrain.vision_item(vision, single)
-    processed = MolmoeProcessor.from_pretrained(tiny_dir)(count.question, [count.image], max_crops=3)
+    scenes = (pretrain.vision_scene(0, pretrain.VISION_QTYPES.index("count") + n * i) for i in range(20))
+    count = next(s for s in scenes if len(s.shapes) > 1)
+    single = pretrain.vision_scene(0, pretrain.VISION_QTYPES.index("shape"))
+    sheet = pretrain.sheet_scene(knobs, 0, 0)
+    a, b, c = (pretrain.vision_item(vision, scene) for scene in (count, single, sheet))
+    processed = MolmoeProcessor.from_pretrained(tiny_dir)("Q", [synthetic.render(count)], max_crops=3)
     np.testing.assert_allclose(a.crop.astype(np.float32), processed.images[0], atol=2e-3)  # the global view, in fp16
-    assert a.count == len(count.scene.shapes) - 1 and a.shape == a.color == -1
-    (shape,) = single.scene.shapes
+    assert a.count == len(count.shapes) - 1 and a.shape == a.color == -1
+    (shape,) = single.shapes
     assert b.count == 0 and synthetic.SHAPES[b.shape] == shape.kind and list(synthetic.COLORS)[b.color] == shape.color
-    assert set(b.kinds[b.kinds > 0]) == {b.shape + 1}
-    batch = pretrain.vision_batch([a, b])
-    assert batch.crops.shape[0] == batch.kinds.shape[0] == 2 and batch.kinds.shape[1] == 36
+    assert set(b.labels.kinds[b.labels.kinds > 0]) == {b.shape + 1}
+    assert c.count == c.shape == c.color == -1 and c.labels.digits.any() and (c.mask == 1).all()
+    assert pretrain.sheet_scene(knobs, 0, 5) == pretrain.sheet_scene(knobs, 0, 5) != pretrain.sheet_scene(knobs, 0, 6)
+    batch = pretrain.vision_batch([a, b, c])
+    assert batch.crops.shape[0] == batch.kinds.shape[0] == 3 and batch.kinds.shape[1] == 36
+    assert (batch.digits[:2] == -1).all() and (batch.places[:2] == -1).all()  # no digit targets on shape views
+    glyphs = torch.from_numpy(c.labels.digits.ravel())
+    assert torch.equal(batch.digits[2], glyphs - 1)  # digit d on glyph tokens, -1 (ignored) elsewhere
+    assert torch.equal(batch.places[2] >= 0, glyphs > 0)
 
 
-def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone(tiny_dir: Path) -> None:
+def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone(
+    tiny_dir: Path, knobs: KnobSpace
+) -> None:
     torch.manual_seed(0)
     model = load_model(tiny_dir).requires_grad_(True)
     heads = pretrain.SceneHeads(model.config.d_model)
     vision = MolmoeProcessor.from_pretrained(tiny_dir).vision
-    batch = pretrain.vision_batch([pretrain.vision_item(vision, pretrain.vision_sample(0, i)) for i in range(8)])
+    scenes = [pretrain.vision_scene(0, i) for i in range(6)] + [pretrain.sheet_scene(knobs, 0, i) for i in range(2)]
+    batch = pretrain.vision_batch([pretrain.vision_item(vision, scene) for scene in scenes])
     decoder_before = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_backbone" not in n}
-    optimizer = torch.optim.AdamW([*model.model.vision_backbone.parameters(), *heads.parameters()], lr=3e-3)
+    optimizer = torch.optim.AdamW([*model.model.vision_backbone.parameters(), *heads.parameters()], lr=1e-3)
     losses = []
     for _ in range(10):
         loss, accuracy = pretrain.vision_losses(model, heads, batch)
