@@ -36,8 +36,9 @@ canvas         3 crops  6 crops  12 crops  global 336 view
 At 12 crops a glyph gets about a token of its own (:data:`LEGIBLE_GLYPH_TOKENS`). At 3 crops two or
 more glyphs share each token (:data:`CROWDED_GLYPH_TOKENS`), and a pooled token of a small model has to
 carry them all; 6 crops is in between. In pixels every tier keeps the strokes (a module is >= 4 px at
-3 crops), so the limit is the model's token budget, not the sampling limit. (A 2 px module, legible at 12 crops and below one pixel
-per module at 3, was never learned by the tiny ViT within a CPU budget: README, "Embedded default".)
+3 crops), so the limit is the model's token budget, not the sampling limit. (Smaller glyphs, down to a
+2 px module that is below one pixel per module at 3 crops, were never learned by the tiny ViT within a
+CPU budget: README, "Embedded default model".)
 
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
