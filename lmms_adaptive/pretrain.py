@@ -83,8 +83,9 @@ class PretrainConfig:
     grad_clip: float = 1.0
     full_plan_prob: float = 0.25  # share of steps at the full decoder (any tier)
     vision_steps: int = 1600  # vision-stage steps before the decoder steps
-    vision_batch_size: int = 32  # global views of shape scenes per vision step
-    vision_sheets: int = 24  # sign-sheet crops per vision step, on top
+    vision_read_steps: int = 500  # the first vision steps see vision_batch_size sign-sheet crops only
+    vision_batch_size: int = 32  # views per vision step: global views of shape scenes after the reading steps
+    vision_sheets: int = 16  # sign-sheet crops per vision step after the reading steps, on top
     vision_lr: float = 1e-3
     vision_pool: int = 6400  # distinct vision-stage scenes (reused in turn)
     vision_lr_scale: float = 0.3  # the vision backbone's lr in the decoder stage, relative to lr
@@ -96,10 +97,14 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("seed", "weight_decay", "vision_steps") and not value > 0:
+            if f.name not in ("seed", "weight_decay", "vision_steps", "vision_read_steps") and not value > 0:
                 raise ValueError(f"pretrain config: {f.name} must be > 0, got {value!r}")
         if self.vision_steps < 0:
             raise ValueError(f"pretrain config: vision_steps must be >= 0, got {self.vision_steps!r}")
+        if not 0 <= self.vision_read_steps <= self.vision_steps:
+            raise ValueError(
+                f"pretrain config: vision_read_steps must be in 0..vision_steps, got {self.vision_read_steps!r}"
+            )
 
     def lr_at(self, step: int) -> float:
         """Decoder stage: linear warm-up, then cosine decay to lr * min_lr_ratio."""
@@ -491,20 +496,29 @@ class VisionStream(torch.utils.data.IterableDataset):
         self.folder, self.cfg, self.start = folder, cfg, start
 
     def __iter__(self) -> Iterator[tuple[int, VisionBatch]]:
-        """Shape scenes cycle through a pool of `cfg.vision_pool`, each prepared once (resizing dominates the
-        cost); sign sheets are fresh every step."""
+        """The reading steps see sign sheets only; then shape scenes cycle through a pool of `cfg.vision_pool`,
+        each prepared once (resizing dominates the cost), beside fresh sign sheets."""
         torch.set_num_threads(1)
         vision = MolmoeProcessor.from_pretrained(self.folder).vision
         space = KnobSpace.from_config(MolmoeConfig.from_folder(self.folder))
         cfg, prepared = self.cfg, {}
         for step in range(self.start, cfg.vision_steps):
-            indices = [(step * cfg.vision_batch_size + i) % cfg.vision_pool for i in range(cfg.vision_batch_size)]
+            indices, sheets = self.views(step)
             for i in indices:
                 if i not in prepared:
                     prepared[i] = vision_item(vision, vision_scene(cfg.seed, i))
-            first = step * cfg.vision_sheets
-            sheets = [sheet_scene(space, cfg.seed, i) for i in range(first, first + cfg.vision_sheets)]
-            yield step, vision_batch([prepared[i] for i in indices] + [vision_item(vision, s) for s in sheets])
+            sheet_items = [vision_item(vision, sheet_scene(space, cfg.seed, i)) for i in sheets]
+            yield step, vision_batch([prepared[i] for i in indices] + sheet_items)
+
+    def views(self, step: int) -> tuple[list[int], range]:
+        """(shape-scene pool indices, sign-sheet indices) of a vision step; no sheet is seen twice."""
+        cfg = self.cfg
+        if step < cfg.vision_read_steps:
+            return [], range(step * cfg.vision_batch_size, (step + 1) * cfg.vision_batch_size)
+        n = step - cfg.vision_read_steps
+        first = cfg.vision_read_steps * cfg.vision_batch_size + n * cfg.vision_sheets
+        indices = [(n * cfg.vision_batch_size + i) % cfg.vision_pool for i in range(cfg.vision_batch_size)]
+        return indices, range(first, first + cfg.vision_sheets)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ QUICK = pretrain.PretrainConfig(
     eval_samples=1,
     save_every=3,
     vision_steps=4,
+    vision_read_steps=1,
     vision_batch_size=2,
     vision_sheets=1,
     vision_pool=6,
@@ -233,6 +234,20 @@ def test_vision_items_carry_the_view_and_its_labels(tiny_dir: Path, knobs: KnobS
     glyphs = torch.from_numpy(c.labels.digits.ravel())
     assert torch.equal(batch.digits[2], glyphs - 1)  # digit d on glyph tokens, -1 (ignored) elsewhere
     assert torch.equal(batch.places[2] >= 0, glyphs > 0)
+
+
+def test_vision_steps_read_first_then_mix_and_never_repeat_a_sheet(tiny_dir: Path) -> None:
+    cfg = pretrain.PretrainConfig(
+        vision_steps=6, vision_read_steps=2, vision_batch_size=3, vision_sheets=2, vision_pool=4
+    )
+    stream = pretrain.VisionStream(tiny_dir, cfg, 0)
+    views = [stream.views(step) for step in range(cfg.vision_steps)]
+    assert [len(i) for i, _ in views] == [0, 0, 3, 3, 3, 3] and [len(s) for _, s in views] == [3, 3, 2, 2, 2, 2]
+    sheets = [i for _, s in views for i in s]
+    assert sheets == list(range(len(sheets)))  # each sheet once, in order
+    assert [i for i, _ in views[2:]] == [[0, 1, 2], [3, 0, 1], [2, 3, 0], [1, 2, 3]]  # the shape pool in turn
+    with pytest.raises(ValueError, match="vision_read_steps"):
+        pretrain.PretrainConfig(vision_steps=2, vision_read_steps=3)
 
 
 def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone(
