@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm import tqdm
@@ -391,9 +392,10 @@ class VisionItem:
     color: int
 
 
-def vision_item(cfg: VisionPreprocessConfig, scene: synthetic.Scene) -> VisionItem:
+def vision_item(cfg: VisionPreprocessConfig, scene: synthetic.Scene, image: Image.Image) -> VisionItem:
+    """`image` is `synthetic.render(scene)`, passed in where it is already drawn."""
     size, patch = cfg.base_image_input_size, cfg.image_patch_size
-    pixels, real = resize_and_pad(to_rgb_array(synthetic.render(scene)), size, cfg)
+    pixels, real = resize_and_pad(to_rgb_array(image), size, cfg)
     shapes = scene.shapes
     single = shapes[0] if len(shapes) == 1 else None
     return VisionItem(
@@ -428,11 +430,11 @@ def vision_batch(items: list[VisionItem]) -> VisionBatch:
     )
 
 
-def vision_scene(seed: int, index: int) -> synthetic.Scene:
+def vision_sample(seed: int, index: int) -> synthetic.Sample:
     """The `index`-th vision-stage shape scene: the shape question types in turn, from the training split's
     own sample streams, past the ones the decoder stage reads (`train_sample` uses cycles from 0)."""
     cycle, slot = divmod(index, len(VISION_QTYPES))
-    return synthetic.make_sample("train", seed, VISION_QTYPES[slot], 10**7 + cycle).scene
+    return synthetic.make_sample("train", seed, VISION_QTYPES[slot], 10**7 + cycle)
 
 
 def sheet_scene(space: KnobSpace, seed: int, index: int) -> synthetic.Scene:
@@ -454,7 +456,7 @@ class SceneHeads(torch.nn.Module):
         super().__init__()
         self.kind = torch.nn.Linear(d_model, 1 + len(synthetic.SHAPES))
         self.color = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
-        self.digit = torch.nn.Linear(d_model, 10)
+        self.digit = torch.nn.Linear(d_model, len(synthetic.GLYPHS))
         self.place = torch.nn.Linear(d_model, synthetic.READ_DIGITS[1])
         self.count = torch.nn.Linear(d_model, MAX_COUNT)
         self.shape = torch.nn.Linear(d_model, len(synthetic.SHAPES))
@@ -506,8 +508,10 @@ class VisionStream(torch.utils.data.IterableDataset):
             indices, sheets = self.views(step)
             for i in indices:
                 if i not in prepared:
-                    prepared[i] = vision_item(vision, vision_scene(cfg.seed, i))
-            sheet_items = [vision_item(vision, sheet_scene(space, cfg.seed, i)) for i in sheets]
+                    sample = vision_sample(cfg.seed, i)
+                    prepared[i] = vision_item(vision, sample.scene, sample.image)
+            sheet_scenes = [sheet_scene(space, cfg.seed, i) for i in sheets]
+            sheet_items = [vision_item(vision, scene, synthetic.render(scene)) for scene in sheet_scenes]
             yield step, vision_batch([prepared[i] for i in indices] + sheet_items)
 
     def views(self, step: int) -> tuple[list[int], range]:

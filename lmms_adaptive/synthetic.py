@@ -294,7 +294,7 @@ def view_labels(scene: Scene, size: tuple[int, int], cell: int, min_cover: float
     new_h, new_w, top, left = fit_box(scene.size[1], scene.size[0], size)
     rows, cols = size[0] // cell, size[1] // cell
     out = []
-    for labels, n_classes in zip(maps, (1 + len(SHAPES), 1 + len(COLORS), 11, 1 + READ_DIGITS[1])):
+    for labels, n_classes in zip(maps, (1 + len(SHAPES), 1 + len(COLORS), 1 + len(GLYPHS), 1 + READ_DIGITS[1])):
         canvas = np.zeros(size, dtype=np.int64)
         canvas[top : top + new_h, left : left + new_w] = np.asarray(labels.resize((new_w, new_h), Image.NEAREST))
         cells = (

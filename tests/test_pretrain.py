@@ -215,11 +215,11 @@ def test_config_validation_and_schedule() -> None:
 def test_vision_items_carry_the_view_and_its_labels(tiny_dir: Path, knobs: KnobSpace) -> None:
     vision = MolmoeProcessor.from_pretrained(tiny_dir).vision
     n = len(pretrain.VISION_QTYPES)
-    scenes = (pretrain.vision_scene(0, pretrain.VISION_QTYPES.index("count") + n * i) for i in range(20))
-    count = next(s for s in scenes if len(s.shapes) > 1)
-    single = pretrain.vision_scene(0, pretrain.VISION_QTYPES.index("shape"))
+    samples = (pretrain.vision_sample(0, pretrain.VISION_QTYPES.index("count") + n * i) for i in range(20))
+    count = next(s.scene for s in samples if len(s.scene.shapes) > 1)
+    single = pretrain.vision_sample(0, pretrain.VISION_QTYPES.index("shape")).scene
     sheet = pretrain.sheet_scene(knobs, 0, 0)
-    a, b, c = (pretrain.vision_item(vision, scene) for scene in (count, single, sheet))
+    a, b, c = (pretrain.vision_item(vision, scene, synthetic.render(scene)) for scene in (count, single, sheet))
     processed = MolmoeProcessor.from_pretrained(tiny_dir)("Q", [synthetic.render(count)], max_crops=3)
     np.testing.assert_allclose(a.crop.astype(np.float32), processed.images[0], atol=2e-3)  # the global view, in fp16
     assert a.count == len(count.shapes) - 1 and a.shape == a.color == -1
@@ -257,8 +257,9 @@ def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone
     model = load_model(tiny_dir).requires_grad_(True)
     heads = pretrain.SceneHeads(model.config.d_model)
     vision = MolmoeProcessor.from_pretrained(tiny_dir).vision
-    scenes = [pretrain.vision_scene(0, i) for i in range(6)] + [pretrain.sheet_scene(knobs, 0, i) for i in range(2)]
-    batch = pretrain.vision_batch([pretrain.vision_item(vision, scene) for scene in scenes])
+    sheets = [pretrain.sheet_scene(knobs, 0, i) for i in range(2)]
+    scenes = [pretrain.vision_sample(0, i).scene for i in range(6)] + sheets
+    batch = pretrain.vision_batch([pretrain.vision_item(vision, scene, synthetic.render(scene)) for scene in scenes])
     decoder_before = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_backbone" not in n}
     optimizer = torch.optim.AdamW([*model.model.vision_backbone.parameters(), *heads.parameters()], lr=1e-3)
     losses = []
