@@ -246,6 +246,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.layer_norm_eps)
         self.attn_out = nn.Linear(d, d, bias=False)
 
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, D] -> queries, keys (rotated) and values, each [B, heads, T, head_dim]."""
+        q, k, v = self.att_proj(self.attn_norm(x)).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm over the full width, before the head split
+        q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
     def forward(
         self,
         x: Tensor,
@@ -256,10 +263,7 @@ class Attention(nn.Module):
         block: int,
     ) -> Tensor:
         """With a cache, the chunk's keys/values are written at positions `start`.. and it attends to all before."""
-        q, k, v = self.att_proj(self.attn_norm(x)).chunk(3, dim=-1)
-        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm over the full width, before the head split
-        q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(block, start, k, v)
         if mask is None and q.shape[2] > 1 and start > 0:  # a chunk after cached tokens: offset causal mask

@@ -267,6 +267,14 @@ def render(scene: Scene) -> Image.Image:
     return image
 
 
+def erase_glyph(image: Image.Image, text: Text, place: int) -> Image.Image:
+    """A copy of a rendered ``image`` with the glyph at ``place`` (0 = leftmost) of ``text`` painted over in the
+    sign's colour: which image tokens change then is where a model sees that glyph."""
+    erased = image.copy()
+    ImageDraw.Draw(erased).rectangle(_glyph_boxes(text)[place], fill=SIGN_COLOR)
+    return erased
+
+
 @dataclass(frozen=True)
 class ViewLabels:
     """Per-token labels of a view (0 = nothing there): the targets of the vision stage of pre-training."""

@@ -245,6 +245,22 @@ def test_read_text_is_small_and_right(samples):
     assert {len(s.answer) for s in reads} == set(syn.READ_DIGITS)
 
 
+def test_erase_glyph_blanks_that_glyph_only(samples):
+    s = of_type(samples, "read")[0]
+    (text,) = s.scene.texts
+    before = pixels(s)
+    for place, char in enumerate(text.text):
+        after = np.asarray(syn.erase_glyph(s.image, text, place))
+        changed_y, changed_x = np.nonzero(np.any(after != before, axis=2))
+        x0, y0 = text.x + place * (syn.GLYPH_W + 1) * text.module, text.y
+        x1, y1 = x0 + syn.GLYPH_W * text.module, y0 + syn.GLYPH_H * text.module
+        assert x0 <= changed_x.min() and changed_x.max() < x1 and y0 <= changed_y.min() and changed_y.max() < y1
+        assert (after[y0:y1, x0:x1] == np.array(syn.SIGN_COLOR, dtype=np.uint8)).all()
+        ink = np.all(after == np.array(syn.TEXT_COLOR, dtype=np.uint8), axis=2)
+        assert decode_text(syn.Text(text.text[place + 1 :], x1 + text.module, y0), ink) == text.text[place + 1 :]
+    assert (pixels(s) == before).all()  # the sample's own image is left as it was
+
+
 def test_sign_sheet_is_a_crop_at_the_tier_scale_and_its_labels_name_each_glyph():
     from lmms_adaptive.processor import DEFAULT_VISION
 
