@@ -1,6 +1,6 @@
 """Where a model's reading pathway loses the digits, per tier: a diagnosis of the embedded default, not a timing.
 
-    python benchmarks/reading_diagnosis.py --json /tmp/reading.json      # the shipped default, ~6 min on 2 cores
+    python benchmarks/reading_diagnosis.py --json /tmp/reading.json      # the shipped default, ~3 min on 2 cores
     python benchmarks/reading_diagnosis.py --checkpoint DIR --tiers 12 --samples 20 --train-samples 100
 
 A reading question ("What number is written on the sign?") takes three steps: the vision tokens under each
@@ -103,8 +103,9 @@ def glyph_tokens(
 
 
 def answer_attention(model: MolmoeForCausalLM, processor: MolmoeProcessor, sample: synthetic.Sample, max_crops: int):
-    """(GlyphTokens, [blocks, heads] attention mass on the glyph tokens), averaged over the positions that
-    write the digits (teacher-forced: the prompt, then the right answer)."""
+    """(GlyphTokens, the request's vision features [crops, tokens, D], and the [blocks, heads] attention mass on
+    the glyph tokens averaged over the positions that write the digits: teacher-forced, the prompt, then the
+    right answer)."""
     eos, pad = processor.special.eos, processor.tokenizer.token_to_id("<|padding|>")
     item = image_questions(processor, sample.image, [(sample.question, sample.answer, "read")], max_crops, eos)
     glyphs = glyph_tokens(processor, sample, item.request, max_crops)
@@ -112,8 +113,8 @@ def answer_attention(model: MolmoeForCausalLM, processor: MolmoeProcessor, sampl
     (_, at), = batch.answer_at.tolist()  # fmt: skip
     queries = torch.arange(at + 1, at + 1 + len(sample.answer))  # the prompt's last token writes the space
     keys = torch.from_numpy(glyphs.positions(glyphs.touched()))
-    features = model.encode_images(batch.crops, batch.crop_masks)[None]
-    x = model.embed(batch.input_ids, features, batch.image_input_idx)
+    features = model.encode_images(batch.crops, batch.crop_masks)
+    x = model.embed(batch.input_ids, features[None], batch.image_input_idx)
     rope, mask = model.rope(batch.positions), batch.attention_mask()[0, 0, queries]
     mass = torch.zeros(model.config.n_layers, model.config.n_heads)
 
@@ -125,13 +126,16 @@ def answer_attention(model: MolmoeForCausalLM, processor: MolmoeProcessor, sampl
 
     full = LayerSchedule.full(model.config)
     model.run_blocks(x, rope, full.layers, full.renormalize, mask=batch.attention_mask(), on_block=observe)
-    return glyphs, mass
+    return glyphs, features, mass
 
 
-def glyph_features(model: MolmoeForCausalLM, glyphs: GlyphTokens, answer: str):
-    """(token features, their digits, per-glyph mean features, their digits) of one request."""
-    request = glyphs.request
-    features = model.encode_images(torch.from_numpy(request.images), torch.from_numpy(request.image_masks))
+def encode(model: MolmoeForCausalLM, request: ProcessedRequest) -> torch.Tensor:
+    return model.encode_images(torch.from_numpy(request.images), torch.from_numpy(request.image_masks))
+
+
+def glyph_features(features: torch.Tensor, glyphs: GlyphTokens, answer: str):
+    """(token features, their digits, per-glyph mean features, their digits) of one request, from its vision
+    features [crops, tokens, D]."""
     token_x, token_y, glyph_x, glyph_y = [], [], [], []
     for place, digit in enumerate(answer):
         owned = features[torch.from_numpy(glyphs.owned(place))]
@@ -167,8 +171,9 @@ def diagnose(runtime: AdaptiveMolmoe, folder: Path, tier: int, samples: int, tra
     plan, gen = runtime.knobs.full_plan(tier), GenerationConfig(max_new_tokens=6)
     probe_train: list[list] = [[], [], [], []]
     for s in tqdm(synthetic.generate("train", train_samples, seed, ("read",)), desc=f"probe data, {tier} crops"):
-        glyphs = glyph_tokens(processor, s, processor(s.question + POST_PROMPT, [s.image], max_crops=tier), tier)
-        for column, values in zip(probe_train, glyph_features(model, glyphs, s.answer)):
+        request = processor(s.question + POST_PROMPT, [s.image], max_crops=tier)
+        glyphs = glyph_tokens(processor, s, request, tier)
+        for column, values in zip(probe_train, glyph_features(encode(model, request), glyphs, s.answer)):
             column += values
     probe_test: list[list] = [[], [], [], []]
     exact, digits, per_glyph, uniform, mass = [], [], [], [], 0
@@ -176,11 +181,11 @@ def diagnose(runtime: AdaptiveMolmoe, folder: Path, tier: int, samples: int, tra
         answer = runtime.generate(s.question + POST_PROMPT, [s.image], plan, gen).text.strip()
         exact.append(answer == s.answer)
         digits += [a == b for a, b in zip(answer.ljust(len(s.answer)), s.answer)]
-        glyphs, sample_mass = answer_attention(model, processor, s, tier)
+        glyphs, features, sample_mass = answer_attention(model, processor, s, tier)
         mass = mass + sample_mass / samples
         per_glyph += [int(glyphs.owned(p).sum()) for p in range(len(s.answer))]
         uniform.append(len(glyphs.positions(glyphs.touched())) / glyphs.request.n_image_tokens)
-        for column, values in zip(probe_test, glyph_features(model, glyphs, s.answer)):
+        for column, values in zip(probe_test, glyph_features(features, glyphs, s.answer)):
             column += values
     block, head = divmod(int(mass.argmax()), mass.shape[1])
     with torch.enable_grad():
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.samples < 1 or args.train_samples < 1:
         p.error("--samples and --train-samples must be >= 1")
     folder = args.checkpoint or default_checkpoint()
-    runtime = AdaptiveMolmoe(load_model(folder).eval(), MolmoeProcessor.from_pretrained(folder))
+    runtime = AdaptiveMolmoe(load_model(folder), MolmoeProcessor.from_pretrained(folder))
     rows = [diagnose(runtime, folder, tier, args.samples, args.train_samples, args.seed) for tier in tiers]
     print_table(rows)
     if args.json:

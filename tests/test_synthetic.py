@@ -249,7 +249,7 @@ def test_erase_glyph_blanks_that_glyph_only(samples):
     s = of_type(samples, "read")[0]
     (text,) = s.scene.texts
     before = pixels(s)
-    for place, char in enumerate(text.text):
+    for place in range(len(text.text)):
         after = np.asarray(syn.erase_glyph(s.image, text, place))
         changed_y, changed_x = np.nonzero(np.any(after != before, axis=2))
         x0, y0 = text.x + place * (syn.GLYPH_W + 1) * text.module, text.y
