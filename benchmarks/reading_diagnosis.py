@@ -14,7 +14,7 @@ full plan:
   positions that write the digits onto the sign's glyph tokens, and which head; uniform: the glyph tokens'
   share of the image tokens, what attention spread evenly would give;
 - token_probe: digit accuracy of a linear probe on the vision feature of each token that one glyph owns
-  (more than `OWNED` of the token's change comes from erasing that glyph: its majority glyph);
+  (more than `GLYPH_OWNED` of the token's change comes from erasing that glyph: its majority glyph);
 - glyph_probe: the same on the mean feature of each glyph's tokens, what a decoder that attends to exactly
   that glyph could read off linearly.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,15 +37,12 @@ from tqdm import tqdm
 from lmms_adaptive import synthetic
 from lmms_adaptive.checkpoint import load_model
 from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM
-from lmms_adaptive.pretrain import POST_PROMPT, collate, image_questions
+from lmms_adaptive.pretrain import POST_PROMPT, GlyphTokens, collate, glyph_tokens, image_questions
 from lmms_adaptive.processor import MolmoeProcessor, ProcessedRequest
 from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
 from lmms_adaptive.tiny import default_checkpoint
 
 log = logging.getLogger("reading_diagnosis")
-
-TOUCHED = 0.05  # a token shows a glyph when its change is at least this share of the most changed token's
-OWNED = 0.5  # ... and a glyph owns it when erasing that glyph makes more than this share of its change
 
 
 @dataclass
@@ -66,49 +62,13 @@ class Row:
     glyph_probe: float
 
 
-@dataclass
-class GlyphTokens:
-    """A reading request and, per glyph place, how much erasing that glyph changes each image token."""
-
-    request: ProcessedRequest
-    change: np.ndarray  # [places, crops, tokens per crop]
-
-    def touched(self) -> np.ndarray:
-        total = self.change.sum(0)
-        return total >= TOUCHED * total.max()
-
-    def owned(self, place: int) -> np.ndarray:
-        return self.touched() & (self.change[place] > OWNED * self.change.sum(0))
-
-    def positions(self, tokens: np.ndarray) -> np.ndarray:
-        """Sequence positions of the selected [crops, tokens] (tokens a crop drops have none)."""
-        idx = self.request.image_input_idx[tokens]
-        return idx[idx >= 0]
-
-
-def glyph_tokens(
-    processor: MolmoeProcessor, sample: synthetic.Sample, request: ProcessedRequest, max_crops: int
-) -> GlyphTokens:
-    """`request` is `sample` processed at `max_crops`; each glyph is erased in turn and the request made again."""
-    (text,) = sample.scene.texts
-    n_crops, n_patches, _ = request.images.shape
-    side = math.isqrt(n_patches) // 2  # pooled tokens per crop side: a token is 2 x 2 patches
-    changes = []
-    for place in range(len(text.text)):
-        image = synthetic.erase_glyph(sample.image, text, place)
-        erased = processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)
-        diff = np.abs(request.images - erased.images).sum(-1)  # [crops, patches]
-        changes.append(diff.reshape(n_crops, side, 2, side, 2).sum(axis=(2, 4)).reshape(n_crops, -1))
-    return GlyphTokens(request, np.stack(changes))
-
-
 def answer_attention(model: MolmoeForCausalLM, processor: MolmoeProcessor, sample: synthetic.Sample, max_crops: int):
     """(GlyphTokens, the request's vision features [crops, tokens, D], and the [blocks, heads] attention mass on
     the glyph tokens averaged over the positions that write the digits: teacher-forced, the prompt, then the
     right answer)."""
     eos, pad = processor.special.eos, processor.tokenizer.token_to_id("<|padding|>")
-    item = image_questions(processor, sample.image, [(sample.question, sample.answer, "read")], max_crops, eos)
-    glyphs = glyph_tokens(processor, sample, item.request, max_crops)
+    item = image_questions(processor, sample, [(sample.question, sample.answer, "read")], max_crops, eos)
+    glyphs = item.glyphs
     batch = collate([item], pad)
     (_, at), = batch.answer_at.tolist()  # fmt: skip
     queries = torch.arange(at + 1, at + 1 + len(sample.answer))  # the prompt's last token writes the space

@@ -10,14 +10,16 @@ under each token, which shape kind and colour, or which digit and its place in t
 (dense labels drawn from the scene itself, see `synthetic.view_labels`), and per image the object count
 and the single object's shape and colour. A ViT trained from scratch through the decoder alone memorises instead of generalising within a
 CPU budget; the dense labels give it dozens of targets per image, as a pretrained CLIP encoder does the
-real model. Then each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
+real model. Its last steps are mostly sign sheets again, which sharpens the glyph tokens, and the decoder
+stage then keeps the backbone frozen (a read-out only follows features that hold still). Then each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
 space's options, and a random set of dropped blocks as the plan space allows) and trains next-token
 prediction of the answers under it, so the model works across plans and degrades gracefully toward cheap
 ones. Each image carries several questions about its scene in one row (:class:`Batch`): every question sees
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
 paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
-colour each question names, which a yes/no answer looks up in the image. The prompt is exactly what
-evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
+colour each question names, which a yes/no answer looks up in the image, and on reading images one block
+is taught where to look (:func:`route_loss`: from the position writing each digit to that glyph's tokens).
+The prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
 run continues the same run. Writes into OUT_DIR: `state.pt` (resume point), `vision_metrics.csv`
@@ -67,14 +69,17 @@ log = logging.getLogger(__name__)
 
 # What lmms-eval's textvqa / pope task configs append to the question (their default post_prompt).
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
-# Shapes, counts, yes/no and reading twice per cycle: the types with the most answers, and a reading image
-# carries one question where a shape scene carries several.
-TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno", "read")
+# Shapes, counts and yes/no twice per cycle, reading four times: the types with the most answers, and a
+# reading image carries one question where a shape scene carries several.
+TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno", "read", "read", "read")
+
+
+NON_NEGATIVE = ("weight_decay", "vision_steps", "vision_read_steps", "vision_sharpen_steps", "vision_lr_scale")
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 400
+    steps: int = 700
     batch_size: int = 16  # images per decoder step
     questions_per_image: int = 6  # each image's own question and up to this many - 1 more about its scene
     lr: float = 1e-3
@@ -83,13 +88,14 @@ class PretrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     full_plan_prob: float = 0.25  # share of steps at the full decoder (any tier)
-    vision_steps: int = 1600  # vision-stage steps before the decoder steps
+    vision_steps: int = 2000  # vision-stage steps before the decoder steps
     vision_read_steps: int = 500  # the first vision steps see vision_batch_size sign-sheet crops only
-    vision_batch_size: int = 32  # views per vision step: global views of shape scenes after the reading steps
-    vision_sheets: int = 16  # sign-sheet crops per vision step after the reading steps, on top
+    vision_sharpen_steps: int = 400  # the last vision steps swap the mix: more sheets than shape views
+    vision_batch_size: int = 32  # views per vision step: global views of shape scenes between those phases
+    vision_sheets: int = 16  # sign-sheet crops per vision step between those phases, on top
     vision_lr: float = 1e-3
     vision_pool: int = 6400  # distinct vision-stage scenes (reused in turn)
-    vision_lr_scale: float = 0.3  # the vision backbone's lr in the decoder stage, relative to lr
+    vision_lr_scale: float = 0.0  # the vision backbone's lr in the decoder stage, relative to lr (0: frozen)
     seed: int = 0
     eval_every: int = 200
     eval_samples: int = 40  # validation samples per evaluation (each run at every tier)
@@ -98,13 +104,15 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in ("seed", "weight_decay", "vision_steps", "vision_read_steps") and not value > 0:
+            if f.name in NON_NEGATIVE:
+                if not value >= 0:
+                    raise ValueError(f"pretrain config: {f.name} must be >= 0, got {value!r}")
+            elif f.name != "seed" and not value > 0:
                 raise ValueError(f"pretrain config: {f.name} must be > 0, got {value!r}")
-        if self.vision_steps < 0:
-            raise ValueError(f"pretrain config: vision_steps must be >= 0, got {self.vision_steps!r}")
-        if not 0 <= self.vision_read_steps <= self.vision_steps:
+        if self.vision_read_steps + self.vision_sharpen_steps > self.vision_steps:
             raise ValueError(
-                f"pretrain config: vision_read_steps must be in 0..vision_steps, got {self.vision_read_steps!r}"
+                "pretrain config: vision_read_steps + vision_sharpen_steps must be <= vision_steps, got "
+                f"{self.vision_read_steps} + {self.vision_sharpen_steps} > {self.vision_steps}"
             )
 
     def lr_at(self, step: int) -> float:
@@ -189,6 +197,8 @@ class Batch(TensorFields):
     answer_at: Tensor  # [Q, 2]: (row, position) where each question's answer is predicted, in segment order
     label_question: Tensor  # [B, L]: which question (0..Q-1) each label belongs to, -1 where no label
     named: Tensor  # [Q]: the colour each question names (`synthetic.named_color`)
+    route_at: Tensor  # [G, 2]: (row, position) writing a reading answer's digit ...
+    route_keys: Tensor  # [G, K]: ... and the positions of that digit's glyph tokens, -1 padded
 
     @property
     def n_answer_tokens(self) -> int:
@@ -207,14 +217,64 @@ def answer_ids(tokenizer: Tokenizer, answer: str, eos: int) -> list[int]:
     return tokenizer.encode(" " + answer, add_special_tokens=False).ids + [eos]
 
 
+GLYPH_TOUCHED = 0.05  # a token shows a glyph when its change is at least this share of the most changed token's
+GLYPH_OWNED = 0.5  # ... and a glyph owns it when erasing that glyph makes more than this share of its change
+
+
+@dataclass
+class GlyphTokens:
+    """A reading request and, per glyph place, how much erasing that glyph changes each image token."""
+
+    request: ProcessedRequest
+    change: np.ndarray  # [places, crops, tokens per crop]
+
+    def touched(self) -> np.ndarray:
+        total = self.change.sum(0)
+        return total >= GLYPH_TOUCHED * total.max()
+
+    def owned(self, place: int) -> np.ndarray:
+        return self.touched() & (self.change[place] > GLYPH_OWNED * self.change.sum(0))
+
+    def positions(self, tokens: np.ndarray) -> np.ndarray:
+        """Sequence positions of the selected [crops, tokens] (tokens a crop drops have none)."""
+        idx = self.request.image_input_idx[tokens]
+        return idx[idx >= 0].astype(np.int64)
+
+
+def glyph_tokens(
+    processor: MolmoeProcessor, sample: synthetic.Sample, request: ProcessedRequest, max_crops: int
+) -> GlyphTokens:
+    """Where a reading request shows each glyph: `request` is `sample` processed at `max_crops`; each glyph is
+    erased in turn (`synthetic.erase_glyph`) and the image processed again."""
+    (text,) = sample.scene.texts
+    n_crops, n_patches, _ = request.images.shape
+    side = math.isqrt(n_patches) // 2  # pooled tokens per crop side: a token is 2 x 2 patches
+    changes = []
+    for place in range(len(text.text)):
+        image = synthetic.erase_glyph(sample.image, text, place)
+        erased = processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)
+        diff = np.abs(request.images - erased.images).sum(-1)  # [crops, patches]
+        changes.append(diff.reshape(n_crops, side, 2, side, 2).sum(axis=(2, 4)).reshape(n_crops, -1))
+    return GlyphTokens(request, np.stack(changes))
+
+
 @dataclass(frozen=True)
 class ImageQuestions:
     """One processed image and the questions asked of it: `prefix` is the request's tokens up to the text,
-    each segment (prompt ids, answer ids) what a request with that question would append."""
+    each segment (prompt ids, answer ids) what a request with that question would append. A reading image
+    also carries where it shows each glyph: what the position writing that digit of its answer should
+    look at."""
 
     request: ProcessedRequest
     segments: list[tuple[list[int], list[int]]]
     named: list[int]  # per segment, the colour its question names
+    glyphs: GlyphTokens | None = None
+
+    def glyph_positions(self) -> list[np.ndarray]:
+        """Per glyph place, the sequence positions of the image tokens that glyph owns (none: not a reading image)."""
+        if self.glyphs is None:
+            return []
+        return [self.glyphs.positions(self.glyphs.owned(p)) for p in range(len(self.glyphs.change))]
 
     @property
     def prefix(self) -> np.ndarray:
@@ -222,25 +282,30 @@ class ImageQuestions:
 
 
 def image_questions(
-    processor: MolmoeProcessor, image, qas: list[tuple[str, str, str]], max_crops: int, eos: int
+    processor: MolmoeProcessor, sample: synthetic.Sample, qas: list[tuple[str, str, str]], max_crops: int, eos: int
 ) -> ImageQuestions:
-    """The image processed once, and each (question, answer, qtype) tokenized exactly as evaluation sends it."""
-    request = processor(qas[0][0] + POST_PROMPT, [image], max_crops=max_crops)
+    """The sample's image processed once, each (question, answer, qtype) tokenized exactly as evaluation sends
+    it, and a reading sample's glyph tokens."""
+    request = processor(qas[0][0] + POST_PROMPT, [sample.image], max_crops=max_crops)
     segments = [
         (processor.encode_text(format_prompt(q + POST_PROMPT)), answer_ids(processor.tokenizer, a, eos))
         for q, a, _ in qas
     ]
-    return ImageQuestions(request, segments, [synthetic.named_color(q) for q, _, _ in qas])
+    glyphs = glyph_tokens(processor, sample, request, max_crops) if sample.qtype == "read" else None
+    return ImageQuestions(request, segments, [synthetic.named_color(q) for q, _, _ in qas], glyphs)
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
-    rows, answer_at = [], []
+    rows, answer_at, route = [], [], []
     for row, item in enumerate(items):
         prefix = item.prefix.tolist()
         ids, labels, positions, segments = list(prefix), [-1] * len(prefix), list(range(len(prefix))), [0] * len(prefix)
         owner = [-1] * len(prefix)
         for s, (prompt, answer) in enumerate(item.segments, start=1):
             owner += [-1] * (len(prompt) - 1) + [len(answer_at)] * len(answer) + [-1]
+            if s == 1:  # the position of the answer's leading space writes its first digit
+                first_digit = len(ids) + len(prompt)
+                route += [((row, first_digit + p), k) for p, k in enumerate(item.glyph_positions()) if len(k)]
             answer_at.append((row, len(ids) + len(prompt) - 1))
             ids += prompt + answer
             labels += [-1] * (len(prompt) - 1) + answer + [-1]  # position of the prompt's last token predicts answer[0]
@@ -257,6 +322,9 @@ def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
     idx = np.full((len(items), max(r.n_crops for r in requests), per_crop), -1, dtype=np.int64)
     for b, r in enumerate(requests):
         idx[b, : r.n_crops] = r.image_input_idx
+    route_keys = np.full((len(route), max((len(k) for _, k in route), default=0)), -1, dtype=np.int64)
+    for g, (_, keys) in enumerate(route):
+        route_keys[g, : len(keys)] = keys
     return Batch(
         input_ids=padded(0, pad_id),
         labels=padded(1, -1),
@@ -269,6 +337,8 @@ def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
         answer_at=torch.tensor(answer_at, dtype=torch.int64),
         label_question=padded(4, -1),
         named=torch.tensor([n for item in items for n in item.named], dtype=torch.int64),
+        route_at=torch.tensor([at for at, _ in route], dtype=torch.int64).reshape(-1, 2),
+        route_keys=torch.from_numpy(route_keys),
     )
 
 
@@ -290,7 +360,7 @@ class StepStream(torch.utils.data.IterableDataset):
             for index in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
                 sample = train_sample(cfg.seed, index)
                 qas = sample_questions(sample, random.Random(f"questions/{cfg.seed}/{index}"), cfg.questions_per_image)
-                items.append(image_questions(processor, sample.image, qas, plan.max_crops, eos))
+                items.append(image_questions(processor, sample, qas, plan.max_crops, eos))
             yield step, plan, collate(items, pad)
 
 
@@ -321,18 +391,36 @@ class QuestionHead(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.color(hidden), named)
 
 
+def route_loss(model: MolmoeForCausalLM, block: int, x: Tensor, rope, batch: Batch) -> Tensor:
+    """How far `block`'s heads are from looking, from each position that writes a reading answer's digit, at
+    that digit's glyph tokens: per (position, head), -log of the attention mass on them, averaged. A decoder
+    trained on answers alone never learned to find the glyph to read (its answers stayed stock numbers while
+    the vision tokens named the glyphs); with this target, one block learns where each digit is and the
+    answer loss can teach what to read there (README, "Embedded default model")."""
+    rows, at = batch.route_at.unbind(-1)
+    q, k, _ = model.model.transformer.blocks[block].attn.project(x, rope)  # [B, heads, L, head_dim]
+    scores = torch.einsum("ghd,ghld->ghl", q[rows, :, at], k[rows]) / q.shape[-1] ** 0.5
+    visible = batch.attention_mask()[rows, 0, at]  # [G, L]
+    target = torch.zeros_like(visible).scatter_(1, batch.route_keys.clamp(min=0), batch.route_keys >= 0)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    on_glyph = scores.masked_fill(~target[:, None], float("-inf"))
+    return (scores.logsumexp(-1) - on_glyph.logsumexp(-1)).mean()
+
+
 def batch_losses(
     model: MolmoeForCausalLM, batch: Batch, schedule: LayerSchedule, question_head: QuestionHead | None = None
 ) -> dict[str, Tensor]:
     """The losses of a batch under `schedule`: "answer", the cross-entropy of the answer tokens, averaged per
-    question, then over the questions (each counts once, whatever its length); and "question", the question
-    read-out's loss, when `question_head` is given."""
+    question, then over the questions (each counts once, whatever its length); "question", the question
+    read-out's loss, when `question_head` is given; "route" (:func:`route_loss` of the second scheduled
+    block), when the batch has reading answers."""
     features = model.encode_images(batch.crops, batch.crop_masks)  # [sum crops, tokens, D]
     per_sample = features.split(batch.crops_per_sample)
     padded = features.new_zeros(len(per_sample), batch.image_input_idx.shape[1], *features.shape[1:])
     for b, f in enumerate(per_sample):
         padded[b, : f.shape[0]] = f
     x = model.embed(batch.input_ids, padded, batch.image_input_idx)
+    rope = model.rope(batch.positions)
     early: list[Tensor] = []  # the outputs of the first QUESTION_READ_BLOCKS scheduled blocks
 
     def keep_early(_: int, __: Tensor, output: Tensor) -> None:
@@ -340,8 +428,8 @@ def batch_losses(
             early.append(output)
 
     hidden = model.run_blocks(
-        x, model.rope(batch.positions), schedule.layers, schedule.renormalize, mask=batch.attention_mask(),
-        on_block=keep_early if question_head is not None else None,
+        x, rope, schedule.layers, schedule.renormalize, mask=batch.attention_mask(),
+        on_block=keep_early,
     )  # fmt: skip
     target = batch.labels >= 0
     logits = model.logits(model.final_norm(hidden[target])).float()
@@ -350,6 +438,8 @@ def batch_losses(
     if question_head is not None:
         rows, positions = batch.answer_at.unbind(-1)
         losses["question"] = question_head.loss(early[-1][rows, positions], batch.named)
+    if len(batch.route_at):
+        losses["route"] = route_loss(model, schedule.layers[1][0], early[0], rope, batch)
     return losses
 
 
@@ -515,14 +605,22 @@ class VisionStream(torch.utils.data.IterableDataset):
             yield step, vision_batch([prepared[i] for i in indices] + sheet_items)
 
     def views(self, step: int) -> tuple[list[int], range]:
-        """(shape-scene pool indices, sign-sheet indices) of a vision step; no sheet is seen twice."""
+        """(shape-scene pool indices, sign-sheet indices) of a vision step; no sheet is seen twice. Three phases:
+        sheets only, then shape views beside fewer sheets, then (sharpening the glyphs the decoder will read)
+        sheets beside fewer shape views."""
         cfg = self.cfg
+        many, few = cfg.vision_batch_size, cfg.vision_sheets
+        mixed_end = cfg.vision_steps - cfg.vision_sharpen_steps
+        read = min(step, cfg.vision_read_steps)
+        mixed = min(max(0, step - cfg.vision_read_steps), mixed_end - cfg.vision_read_steps)
+        sharpen = max(0, step - mixed_end)
+        first_sheet = read * many + mixed * few + sharpen * many
         if step < cfg.vision_read_steps:
-            return [], range(step * cfg.vision_batch_size, (step + 1) * cfg.vision_batch_size)
-        n = step - cfg.vision_read_steps
-        first = cfg.vision_read_steps * cfg.vision_batch_size + n * cfg.vision_sheets
-        indices = [(n * cfg.vision_batch_size + i) % cfg.vision_pool for i in range(cfg.vision_batch_size)]
-        return indices, range(first, first + cfg.vision_sheets)
+            return [], range(first_sheet, first_sheet + many)
+        n_shapes, n_sheets = (few, many) if step >= mixed_end else (many, few)
+        first_shape = mixed * many + sharpen * few
+        indices = [(first_shape + i) % cfg.vision_pool for i in range(n_shapes)]
+        return indices, range(first_sheet, first_sheet + n_sheets)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,9 +767,11 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
     decoder = [p for p in model.parameters() if id(p) not in vision_ids] + list(question_head.parameters())
     adamw = {"weight_decay": cfg.weight_decay, "betas": (0.9, 0.95)}
     vision_optimizer = torch.optim.AdamW([{"params": vision + list(heads.parameters())}], lr=cfg.vision_lr, **adamw)
-    optimizer = torch.optim.AdamW(
-        [{"params": decoder, "scale": 1.0}, {"params": vision, "scale": cfg.vision_lr_scale}], lr=cfg.lr, **adamw
-    )
+    groups = [{"params": decoder, "scale": 1.0}]
+    if cfg.vision_lr_scale > 0:
+        groups.append({"params": vision, "scale": cfg.vision_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **adamw)
+    trained = [p for group in groups for p in group["params"]]  # a frozen backbone keeps its last vision grads
     modules = {
         "model": model, "heads": heads, "question_head": question_head,
         "vision_optimizer": vision_optimizer, "optimizer": optimizer,
@@ -684,6 +784,9 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
     if start < cfg.vision_steps:
         train_vision(run, cfg, model, heads, vision_optimizer, save, start)
     start = max(0, start - cfg.vision_steps)
+    if cfg.vision_lr_scale == 0:
+        # frozen: a decoder read-out follows the glyph features only while they hold still (README)
+        model.model.vision_backbone.requires_grad_(False)
     runtime = AdaptiveMolmoe(model, MolmoeProcessor.from_pretrained(run.init))
     val = validation_samples(cfg.seed, cfg.eval_samples)
 
@@ -697,12 +800,13 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
             group["lr"] = cfg.lr_at(step) * group["scale"]
         losses = batch_losses(model, batch.to(model.lm_head.weight.device), plan.schedule, question_head)
         optimizer.zero_grad(set_to_none=True)
-        (losses["answer"] + losses["question"]).backward()
-        torch.nn.utils.clip_grad_norm_(decoder + vision, cfg.grad_clip)
+        sum(losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         optimizer.step()
         value = float(losses["answer"].detach())
         row = {
             "step": step, "loss": round(value, 5), "question_loss": round(float(losses["question"].detach()), 5),
+            "route_loss": round(float(losses["route"].detach()), 5) if "route" in losses else "",
             "lr": cfg.lr_at(step), "max_crops": plan.max_crops,
             "top_k": plan.schedule.layers[-1][1], "n_blocks": len(plan.schedule.layers),
             "answer_tokens": batch.n_answer_tokens, "seconds": round(time.perf_counter() - began, 2),

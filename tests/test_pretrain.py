@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from pathlib import Path
 
@@ -26,6 +27,7 @@ QUICK = pretrain.PretrainConfig(
     save_every=3,
     vision_steps=4,
     vision_read_steps=1,
+    vision_sharpen_steps=1,
     vision_batch_size=2,
     vision_sheets=1,
     vision_pool=6,
@@ -69,7 +71,7 @@ def _image_questions(tiny_dir: Path, n_questions: int, index: int = 2):
     sample = pretrain.train_sample(3, index)
     qas = pretrain.sample_questions(sample, random.Random(0), n_questions)
     eos = processor.special.eos
-    return processor, qas, pretrain.image_questions(processor, sample.image, qas, 3, eos)
+    return processor, qas, pretrain.image_questions(processor, sample, qas, 3, eos)
 
 
 def test_collate_puts_each_questions_labels_on_its_answer_tokens(tiny_dir: Path) -> None:
@@ -144,7 +146,7 @@ def test_a_packed_batch_trains_as_its_questions_one_by_one(tiny_dir: Path) -> No
     with torch.no_grad():
         packed = float(pretrain.batch_losses(model, pretrain.collate([item], pad), schedule)["answer"])
         alone = [
-            pretrain.image_questions(processor, pretrain.train_sample(3, 2).image, [qa], 3, processor.special.eos)
+            pretrain.image_questions(processor, pretrain.train_sample(3, 2), [qa], 3, processor.special.eos)
             for qa in qas
         ]
         losses = [float(pretrain.batch_losses(model, pretrain.collate([a], pad), schedule)["answer"]) for a in alone]
@@ -198,6 +200,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypa
     assert steps == [str(i) for i in range(QUICK.steps)]  # no duplicated or missing step rows
 
 
+def test_the_decoder_stage_leaves_a_frozen_vision_backbone_as_the_vision_stage_left_it(tmp_path: Path) -> None:
+    """With vision_lr_scale 0 the decoder steps train the decoder only: runs that differ in decoder steps only
+    end with the same vision weights and different decoder weights."""
+    longer = load_model(pretrain.train(tmp_path / "a", QUICK)).state_dict()
+    shorter = load_model(pretrain.train(tmp_path / "b", dataclasses.replace(QUICK, steps=2))).state_dict()
+    assert all(torch.equal(longer[n], shorter[n]) for n in longer if "vision_backbone" in n)
+    assert not torch.equal(longer["model.transformer.wte.embedding"], shorter["model.transformer.wte.embedding"])
+
+
 def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
     pretrain.RunDir(tmp_path).prepare(QUICK)
     with pytest.raises(ValueError, match="lr"):
@@ -236,18 +247,86 @@ def test_vision_items_carry_the_view_and_its_labels(tiny_dir: Path, knobs: KnobS
     assert torch.equal(batch.places[2] >= 0, glyphs > 0)
 
 
-def test_vision_steps_read_first_then_mix_and_never_repeat_a_sheet(tiny_dir: Path) -> None:
+def test_vision_steps_read_then_mix_then_sharpen_and_never_repeat_a_sheet(tiny_dir: Path) -> None:
     cfg = pretrain.PretrainConfig(
-        vision_steps=6, vision_read_steps=2, vision_batch_size=3, vision_sheets=2, vision_pool=4
-    )
+        vision_steps=8, vision_read_steps=2, vision_sharpen_steps=2, vision_batch_size=3, vision_sheets=2,
+        vision_pool=4,
+    )  # fmt: skip
     stream = pretrain.VisionStream(tiny_dir, cfg, 0)
     views = [stream.views(step) for step in range(cfg.vision_steps)]
-    assert [len(i) for i, _ in views] == [0, 0, 3, 3, 3, 3] and [len(s) for _, s in views] == [3, 3, 2, 2, 2, 2]
+    assert [len(i) for i, _ in views] == [0, 0, 3, 3, 3, 3, 2, 2]
+    assert [len(s) for _, s in views] == [3, 3, 2, 2, 2, 2, 3, 3]
     sheets = [i for _, s in views for i in s]
     assert sheets == list(range(len(sheets)))  # each sheet once, in order
-    assert [i for i, _ in views[2:]] == [[0, 1, 2], [3, 0, 1], [2, 3, 0], [1, 2, 3]]  # the shape pool in turn
+    shapes = [i for i, _ in views[2:]]
+    assert shapes == [[0, 1, 2], [3, 0, 1], [2, 3, 0], [1, 2, 3], [0, 1], [2, 3]]  # the shape pool in turn
     with pytest.raises(ValueError, match="vision_read_steps"):
-        pretrain.PretrainConfig(vision_steps=2, vision_read_steps=3)
+        pretrain.PretrainConfig(vision_steps=2, vision_read_steps=3, vision_sharpen_steps=0)
+    with pytest.raises(ValueError, match="vision_sharpen_steps"):
+        pretrain.PretrainConfig(vision_steps=4, vision_read_steps=2, vision_sharpen_steps=3)
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        pretrain.PretrainConfig(vision_lr_scale=-0.1)
+
+
+def _reading_sample() -> synthetic.Sample:
+    return next(pretrain.train_sample(3, i) for i, q in enumerate(pretrain.TRAIN_MIX) if q == "read")
+
+
+def test_a_reading_image_routes_each_digit_to_its_glyph_tokens(tiny_dir: Path) -> None:
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    sample = _reading_sample()
+    qa = [(sample.question, sample.answer, "read")]
+    item = pretrain.image_questions(processor, sample, qa, 12, processor.special.eos)
+    other = pretrain.image_questions(processor, pretrain.train_sample(3, 0), qa, 12, processor.special.eos)
+    assert other.glyph_positions() == [] and len(item.glyph_positions()) == len(sample.answer)
+    batch = pretrain.collate([other, item], processor.tokenizer.token_to_id("<|padding|>"))
+    assert len(batch.route_at) == len(sample.answer)  # at 12 crops each glyph owns tokens
+    image_positions = set(item.request.image_input_idx[item.request.image_input_idx >= 0].tolist())
+    for (row, at), keys, digit in zip(batch.route_at.tolist(), batch.route_keys, sample.answer, strict=True):
+        assert row == 1 and processor.decode([int(batch.labels[row, at])]) == digit  # that position writes this digit
+        assert set(keys[keys >= 0].tolist()) <= image_positions
+    # Digit p is routed to tokens that erasing glyph p changes more than erasing any other glyph.
+    change = item.glyphs.change
+    for place, keys in enumerate(batch.route_keys):
+        tokens = np.isin(item.request.image_input_idx, keys[keys >= 0].numpy())
+        assert tokens.any() and (change[place][tokens] > 0.5 * change.sum(0)[tokens]).all()
+
+
+def test_glyph_tokens_lie_left_to_right(tiny_dir: Path) -> None:
+    """What erasing a glyph changes is that glyph: at 12 crops the first and the last glyph each own tokens
+    (none twice), and in a crop that shows both, the first one's lie further left."""
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    for sample in synthetic.generate("validation", 3, 0, ("read",)):
+        request = processor(sample.question + pretrain.POST_PROMPT, [sample.image], max_crops=12)
+        glyphs = pretrain.glyph_tokens(processor, sample, request, 12)
+        first, last = glyphs.owned(0), glyphs.owned(len(sample.answer) - 1)
+        assert glyphs.change.shape[0] == len(sample.answer) and first.any() and last.any() and not (first & last).any()
+        side = math.isqrt(first.shape[1])  # tokens per row of a crop
+        both = [c for c in range(len(first)) if first[c].any() and last[c].any()]
+        assert both and all(
+            (np.nonzero(first[c])[0] % side).mean() < (np.nonzero(last[c])[0] % side).mean() for c in both
+        )
+
+
+def test_the_route_loss_is_minus_log_the_attention_mass_on_the_glyph(tiny_dir: Path) -> None:
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    sample = _reading_sample()
+    item = pretrain.image_questions(
+        processor, sample, [(sample.question, sample.answer, "read")], 6, processor.special.eos
+    )
+    batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
+    model = load_model(tiny_dir)
+    x = model.embed(batch.input_ids, model.encode_images(batch.crops, batch.crop_masks)[None], batch.image_input_idx)
+    rope = model.rope(batch.positions)
+    q, k, _ = model.model.transformer.blocks[2].attn.project(x, rope)
+    mask = batch.attention_mask()[0, 0]
+    expected = []
+    for (_, at), keys in zip(batch.route_at.tolist(), batch.route_keys):
+        scores = (q[0, :, at, None] @ k[0].transpose(-1, -2))[:, 0] / q.shape[-1] ** 0.5  # [heads, positions]
+        weights = scores.masked_fill(~mask[at], float("-inf"))
+        expected.append(-weights.softmax(-1)[:, keys[keys >= 0]].sum(-1).log())  # per head
+    loss = pretrain.route_loss(model, 2, x, rope, batch)
+    torch.testing.assert_close(loss, torch.cat(expected).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone(
