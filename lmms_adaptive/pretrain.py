@@ -8,10 +8,11 @@ views of training scenes and on crops of sign sheets (`synthetic.sign_sheet`: ro
 scale a tier's crop shows them), against throw-away read-outs of its output tokens (:class:`SceneHeads`):
 under each token, which shape kind and colour, or which digit and its place in the number, lies there
 (dense labels drawn from the scene itself, see `synthetic.view_labels`), and per image the object count
-and the single object's shape and colour. A ViT trained from scratch through the decoder alone memorises instead of generalising within a
-CPU budget; the dense labels give it dozens of targets per image, as a pretrained CLIP encoder does the
-real model. Its last steps are mostly sign sheets again, which sharpens the glyph tokens, and the decoder
-stage then keeps the backbone frozen (a read-out only follows features that hold still). Then each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
+and the single object's shape and colour. A ViT trained from scratch through the decoder alone memorises
+instead of generalising within a CPU budget; the dense labels give it dozens of targets per image, as a
+pretrained CLIP encoder does the real model. Its last steps are mostly sign sheets again, which sharpens
+the glyph tokens, and the decoder stage keeps the backbone frozen (a read-out only follows features that
+hold still). Each decoder step draws one plan (max_crops from the tiers, a top-k from the knob
 space's options, and a random set of dropped blocks as the plan space allows) and trains next-token
 prediction of the answers under it, so the model works across plans and degrades gracefully toward cheap
 ones. Each image carries several questions about its scene in one row (:class:`Batch`): every question sees
@@ -784,9 +785,8 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
     if start < cfg.vision_steps:
         train_vision(run, cfg, model, heads, vision_optimizer, save, start)
     start = max(0, start - cfg.vision_steps)
-    if cfg.vision_lr_scale == 0:
-        # frozen: a decoder read-out follows the glyph features only while they hold still (README)
-        model.model.vision_backbone.requires_grad_(False)
+    # vision_lr_scale 0 freezes the backbone: a decoder read-out follows glyph features only while they hold still
+    model.model.vision_backbone.requires_grad_(cfg.vision_lr_scale > 0)
     runtime = AdaptiveMolmoe(model, MolmoeProcessor.from_pretrained(run.init))
     val = validation_samples(cfg.seed, cfg.eval_samples)
 
