@@ -9,7 +9,7 @@ TORCH  ?= 2.13.0
 TASKS  ?= synth_vqa_test,synth_pope_test,textvqa_val_local,mme_local,pope_local
 OUT    ?= runs/demo
 MODEL_ARGS ?= controller=grpo,budget=200
-# The embedded default's floor (README, "Embedded default model"): 0.66-0.75 at every measured plan; chance ~0.1.
+# The built-in model's floor (docs/embedded-default.md): 0.66-0.75 at every measured plan; chance ~0.1.
 FLOORS ?= --floor synth_vqa_test:exact_match=0.6
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -29,7 +29,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/lmms-eval --model adaptive_molmoe --model_args $(MODEL_ARGS) \
 		--include_path tasks --tasks $(TASKS) --output_path $(OUT) --log_samples
-	$(PY) -m lmms_adaptive.results $(OUT) --tasks $(TASKS) $(FLOORS)
+	$(PY) -m lmms_adaptive.tools.results $(OUT) --tasks $(TASKS) $(FLOORS)
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q

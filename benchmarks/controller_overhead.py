@@ -3,12 +3,13 @@
     python benchmarks/controller_overhead.py --size mid --device cpu --json /tmp/controller_mid.json
     python benchmarks/controller_overhead.py --size full --device cuda --image 640x480 --image 1280x720
 
-Random model weights and a randomly initialised policy (cost depends on shapes only). Each request runs
-twice, back to back and in alternating order: through the controller (request facts, stage 1,
-DeferredPlan: blocks 0..p-1 with the latency token appended to the prompt, stage 2, the rest of the
-plan) and as the same plan given statically. Reported per image (medians): the request facts (token
-counts per tier from the image size), stage 1, stage 2, their sum, `extra_ms` = total - static total
-(everything the controller adds, the latency token's row included, measured as a difference of two
+Random model weights and a randomly initialised policy (cost depends on shapes only). Each request is
+served twice through the one request path (`serving.request.serve`), back to back and in alternating
+order: under the grpo controller (request facts, stage 1, DeferredPlan: blocks 0..p-1 with the latency
+token appended to the prompt, stage 2, the rest of the plan) and under a static controller with the same
+plan. Reported per image (medians): the request facts (token counts per tier from the image size, paid
+by both), stage 1, stage 2, their sum, `extra_ms` = total - static total (everything the two-stage
+controller adds over a static one, the latency token's row included, measured as a difference of two
 end-to-end timings, so a noisy machine blurs it by a few ms), both totals, and extra_ms as a share of
 the total.
 """
@@ -19,7 +20,6 @@ import argparse
 import json
 import logging
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,10 +27,11 @@ import torch
 from knob_latency import QUESTION, build_runtime, parse_size, synthetic_image
 from tqdm import tqdm
 
-from lmms_adaptive.controllers import stage1_decision
-from lmms_adaptive.plan import Plan
-from lmms_adaptive.policy import GRPOController, PolicyDims, TwoStagePolicy
-from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig, resolve_dtype
+from lmms_adaptive.controllers.grpo import GRPOController, PolicyDims, TwoStagePolicy
+from lmms_adaptive.controllers.static import StaticController
+from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig, resolve_dtype
+from lmms_adaptive.serving.request import Request, serve
 
 log = logging.getLogger("controller_overhead")
 
@@ -47,7 +48,7 @@ class Row:
     stage1_ms: float
     stage2_ms: float
     controller_ms: float  # stage 1 + stage 2
-    extra_ms: float  # median of (total - static total) over the requests: facts, both stages, the latency token's row
+    extra_ms: float  # median of (total - static total) over the requests: both stages, the latency token's row
     total_ms: float  # the request through the controller, end to end
     static_total_ms: float  # the same plan given statically, timed the same way right before or after it
     overhead_pct: float  # extra_ms / total_ms
@@ -56,16 +57,11 @@ class Row:
 def through_controller(
     rt: AdaptiveMolmoe, controller: GRPOController, image, budget: float, gen: GenerationConfig
 ) -> dict:
-    start = time.perf_counter()
-    facts = rt.request_facts(QUESTION, [image], budget, gen.max_new_tokens)
-    decided = time.perf_counter()
-    decision = stage1_decision(controller, facts)
-    stage1_ms = (time.perf_counter() - decided) * 1000.0
-    out = rt.generate(QUESTION, [image], decision, gen)
-    total_ms = (time.perf_counter() - start) * 1000.0
+    served = serve(rt, controller, Request(QUESTION, (image,), budget, gen))
+    record, stage2_ms = served.record, served.execution.timings.stage2_ms
     return {
-        "facts_ms": (decided - start) * 1000.0, "stage1_ms": stage1_ms, "stage2_ms": out.timings.stage2_ms,
-        "total_ms": total_ms, "plan": out.plan,
+        "facts_ms": record.facts_ms, "stage1_ms": record.controller_ms - stage2_ms, "stage2_ms": stage2_ms,
+        "total_ms": record.total_ms, "plan": record.plan,
     }  # fmt: skip
 
 
@@ -82,9 +78,7 @@ def one_request(
     in the given order: alternating the order cancels what the first run of a pair pays for the second."""
 
     def static() -> float:
-        start = time.perf_counter()
-        rt.generate(QUESTION, [image], plan, gen)
-        return (time.perf_counter() - start) * 1000.0
+        return serve(rt, StaticController(plan, rt.knobs), Request(QUESTION, (image,), budget, gen)).record.total_ms
 
     if static_first:
         static_ms = static()
@@ -121,9 +115,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     policy = TwoStagePolicy(rt.knobs, PolicyDims(d_model=rt.model.config.d_model), (args.budget / 4, args.budget * 4))
     controller = GRPOController(policy, rt.question_summary)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, stop_at_eos=False)
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    )
+    device_name = rt.device_name
     rows = []
     for spec in images:
         image = synthetic_image(spec, args.seed)

@@ -21,9 +21,11 @@ by `--peak-gbps`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,13 +36,18 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lmms_adaptive.checkpoint import build_model
-from lmms_adaptive.config import MolmoeConfig
-from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM, count_parameters
-from lmms_adaptive.plan import Plan
-from lmms_adaptive.processor import DEFAULT_VISION, MolmoeProcessor, VisionPreprocessConfig
-from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig, resolve_dtype
-from lmms_adaptive.tiny import IMAGE_TOKENS, TINY_PREPROCESSOR, tiny_config, train_tokenizer
+from lmms_adaptive.controllers.static import StaticController
+from lmms_adaptive.core.checkpoint import build_model
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.model import LayerSchedule, MolmoeForCausalLM, count_parameters
+from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.core.processor import DEFAULT_VISION, MolmoeProcessor, VisionPreprocessConfig
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, Generation, GenerationConfig, resolve_dtype
+from lmms_adaptive.default.tiny import IMAGE_TOKENS, TINY_PREPROCESSOR, tiny_config, train_tokenizer
+from lmms_adaptive.serving.request import Request, serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from moe_oracle import reference_moe  # noqa: E402 (the original per-expert MoE loop lives with the tests)
 
 log = logging.getLogger("knob_latency")
 
@@ -150,7 +157,7 @@ def build_runtime(size: str, device: torch.device, dtype: torch.dtype, seed: int
         config.vision.n_layers,
     )  # fmt: skip
     vision = DEFAULT_VISION
-    if size == "tiny":  # the tiny model's 28 px patches (see lmms_adaptive.tiny)
+    if size == "tiny":  # the tiny model's 28 px patches (see lmms_adaptive.default.tiny)
         vision = VisionPreprocessConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY_PREPROCESSOR.items()}
         )
@@ -199,15 +206,13 @@ def parse_size(spec: str) -> tuple[int, int]:
     return width, height
 
 
-def run_once(runtimes: dict[str, AdaptiveMolmoe], image: np.ndarray, case: Case, new_tokens: int):
-    """Generate with the runtime of the case's implementation ("reference" is the fast runtime with the
-    original per-expert MoE loop switched on)."""
+def run_once(runtimes: dict[str, AdaptiveMolmoe], image: np.ndarray, case: Case, new_tokens: int) -> Generation:
+    """Serve the request under the case's plan with the runtime of its implementation ("reference" is the fast
+    runtime with every MoE running the original per-expert loop, the tests' oracle)."""
     rt = runtimes[case.impl]
-    rt.model.set_reference_moe(case.impl == "reference")
-    try:
-        return rt.generate(QUESTION, [image], case.plan, GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False))
-    finally:
-        rt.model.set_reference_moe(False)
+    request = Request(QUESTION, (image,), gen=GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False))
+    with reference_moe(rt.model) if case.impl == "reference" else contextlib.nullcontext():
+        return serve(rt, StaticController(case.plan, rt.knobs), request).execution
 
 
 def measure(

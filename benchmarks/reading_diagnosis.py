@@ -34,13 +34,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmms_adaptive import synthetic
-from lmms_adaptive.checkpoint import load_model
-from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM
-from lmms_adaptive.pretrain import POST_PROMPT, GlyphTokens, collate, glyph_tokens, image_questions
-from lmms_adaptive.processor import MolmoeProcessor, ProcessedRequest
-from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
-from lmms_adaptive.tiny import default_checkpoint
+from lmms_adaptive.core.checkpoint import default_checkpoint, load_model
+from lmms_adaptive.core.model import LayerSchedule, MolmoeForCausalLM
+from lmms_adaptive.core.processor import MolmoeProcessor, ProcessedRequest
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
+from lmms_adaptive.default import synthetic
+from lmms_adaptive.default.pretrain import POST_PROMPT, GlyphTokens, collate, glyph_tokens, image_questions
 
 log = logging.getLogger("reading_diagnosis")
 
@@ -78,14 +77,13 @@ def answer_attention(model: MolmoeForCausalLM, processor: MolmoeProcessor, sampl
     rope, mask = model.rope(batch.positions), batch.attention_mask()[0, 0, queries]
     mass = torch.zeros(model.config.n_layers, model.config.n_heads)
 
-    def observe(index: int, block_input: torch.Tensor, _: torch.Tensor) -> None:
-        q, k, _ = model.model.transformer.blocks[index].attn.project(block_input, rope)
+    full = LayerSchedule.full(model.config)
+    for index, top_k in full.layers:
+        q, k, _ = model.model.transformer.blocks[index].attn.project(x, rope)
         scores = q[0][:, queries] @ k[0].transpose(-1, -2) / q.shape[-1] ** 0.5  # [heads, queries, positions]
         weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         mass[index] = weights[..., keys].sum(-1).mean(-1)
-
-    full = LayerSchedule.full(model.config)
-    model.run_blocks(x, rope, full.layers, full.renormalize, mask=batch.attention_mask(), on_block=observe)
+        x = model.run_blocks(x, rope, [(index, top_k)], full.renormalize, mask=batch.attention_mask())
     return glyphs, features, mass
 
 

@@ -23,7 +23,7 @@ import io
 import math
 import os
 import random
-from typing import Callable, Dict, List, Tuple
+from collections.abc import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -52,12 +52,12 @@ def font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def canvas(size: Tuple[int, int], bg=WHITE) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
+def canvas(size: tuple[int, int], bg=WHITE) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     img = Image.new("RGB", size, bg)
     return img, ImageDraw.Draw(img)
 
 
-def centred_text(draw: ImageDraw.ImageDraw, box: Tuple[int, int, int, int], text: str, size: int, fill=BLACK) -> None:
+def centred_text(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, size: int, fill=BLACK) -> None:
     x0, y0, x1, y1 = box
     f = font(size)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
@@ -98,7 +98,7 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def image_cell(img: Image.Image, name: str) -> Dict[str, object]:
+def image_cell(img: Image.Image, name: str) -> dict[str, object]:
     # the storage layout of the `datasets` Image feature
     return {"bytes": png_bytes(img), "path": name}
 
@@ -117,7 +117,7 @@ def sign(size, word, bg=(250, 245, 230), fg=BLACK, board=None, text_size=None):
     return img
 
 
-def shapes_scene(size, items: List[Tuple[str, str, float, float, float]], bg=WHITE):
+def shapes_scene(size, items: list[tuple[str, str, float, float, float]], bg=WHITE):
     """items: (kind, colour name, x frac, y frac, radius frac of min side)."""
     img, d = canvas(size, bg)
     w, h = size
@@ -156,7 +156,7 @@ def two_lines(size, top: str, bottom: str, bg=(245, 245, 255), mono=False):
     return img
 
 
-def code_card(size, lines: List[str]):
+def code_card(size, lines: list[str]):
     img, d = canvas(size, (30, 30, 40))
     w, h = size
     f = font(max(18, h // (len(lines) + 3)))
@@ -170,33 +170,105 @@ def code_card(size, lines: List[str]):
 # --------------------------------------------------------------------------- TextVQA
 
 
-def textvqa_rows(rng: random.Random) -> List[Dict[str, object]]:
+def textvqa_rows(rng: random.Random) -> list[dict[str, object]]:
     # (size, painter, question, answer list of 10 (realistic annotator disagreement), ocr tokens, classes)
-    specs: List[Tuple[Tuple[int, int], Callable[[], Image.Image], str, List[str], List[str], List[str]]] = [
-        ((640, 480), lambda: sign((640, 480), "STOP", bg=(200, 220, 200), fg=WHITE, board=COLOURS["red"]),
-         "what word is written on the sign?", ["stop"] * 9 + ["stop sign"], ["STOP"], ["Traffic sign"]),
-        ((320, 240), lambda: sign((320, 240), "42", board=COLOURS["yellow"]),
-         "what number is shown?", ["42"] * 8 + ["forty two", "42."], ["42"], ["Number"]),
-        ((800, 600), lambda: sign((800, 600), "OPEN", bg=(60, 60, 60), fg=COLOURS["green"], board=BLACK),
-         "what does the sign say?", ["open"] * 10, ["OPEN"], ["Sign"]),
-        ((480, 900), lambda: two_lines((480, 900), "EXIT", "Gate 7"),
-         "what gate number is shown?", ["7"] * 7 + ["gate 7"] * 3, ["EXIT", "Gate", "7"], ["Sign", "Door"]),
-        ((1024, 384), lambda: sign((1024, 384), "CAFE", bg=(250, 240, 220), board=(180, 120, 70), fg=WHITE),
-         "what is the name of the shop?", ["cafe"] * 9 + ["coffee"], ["CAFE"], ["Building", "Sign"]),
-        ((640, 480), lambda: sign((640, 480), "2024", board=(220, 235, 255)),
-         "what year is written here?", ["2024"] * 10, ["2024"], ["Calendar"]),
-        ((320, 240), lambda: sign((320, 240), "A7", fg=COLOURS["blue"]),
-         "what is the seat number?", ["a7"] * 9 + ["7"], ["A7"], ["Ticket"]),
-        ((800, 600), lambda: two_lines((800, 600), "MILK", "1 LITRE"),
-         "what product is this?", ["milk"] * 10, ["MILK", "1", "LITRE"], ["Bottle", "Food"]),
-        ((480, 900), lambda: sign((480, 900), "SALE", bg=WHITE, board=COLOURS["orange"], fg=WHITE),
-         "what is written in the orange box?", ["sale"] * 10, ["SALE"], ["Poster"]),
-        ((640, 480), lambda: two_lines((640, 480), "PLATFORM", "9"),
-         "what platform number is it?", ["9"] * 8 + ["nine", "platform 9"], ["PLATFORM", "9"], ["Sign"]),
-        ((1024, 384), lambda: sign((1024, 384), "BOOKS", board=COLOURS["purple"], fg=WHITE),
-         "what kind of store is advertised?", ["books"] * 6 + ["book store"] * 2 + ["bookstore"] * 2, ["BOOKS"], ["Sign"]),
-        ((320, 240), lambda: sign((320, 240), "5 km", bg=(230, 255, 230), board=COLOURS["green"], fg=WHITE),
-         "how far is it?", ["5 km"] * 7 + ["5"] * 2 + ["5km"], ["5", "km"], ["Road sign"]),
+    specs: list[tuple[tuple[int, int], Callable[[], Image.Image], str, list[str], list[str], list[str]]] = [
+        (
+            (640, 480),
+            lambda: sign((640, 480), "STOP", bg=(200, 220, 200), fg=WHITE, board=COLOURS["red"]),
+            "what word is written on the sign?",
+            ["stop"] * 9 + ["stop sign"],
+            ["STOP"],
+            ["Traffic sign"],
+        ),
+        (
+            (320, 240),
+            lambda: sign((320, 240), "42", board=COLOURS["yellow"]),
+            "what number is shown?",
+            ["42"] * 8 + ["forty two", "42."],
+            ["42"],
+            ["Number"],
+        ),
+        (
+            (800, 600),
+            lambda: sign((800, 600), "OPEN", bg=(60, 60, 60), fg=COLOURS["green"], board=BLACK),
+            "what does the sign say?",
+            ["open"] * 10,
+            ["OPEN"],
+            ["Sign"],
+        ),
+        (
+            (480, 900),
+            lambda: two_lines((480, 900), "EXIT", "Gate 7"),
+            "what gate number is shown?",
+            ["7"] * 7 + ["gate 7"] * 3,
+            ["EXIT", "Gate", "7"],
+            ["Sign", "Door"],
+        ),
+        (
+            (1024, 384),
+            lambda: sign((1024, 384), "CAFE", bg=(250, 240, 220), board=(180, 120, 70), fg=WHITE),
+            "what is the name of the shop?",
+            ["cafe"] * 9 + ["coffee"],
+            ["CAFE"],
+            ["Building", "Sign"],
+        ),
+        (
+            (640, 480),
+            lambda: sign((640, 480), "2024", board=(220, 235, 255)),
+            "what year is written here?",
+            ["2024"] * 10,
+            ["2024"],
+            ["Calendar"],
+        ),
+        (
+            (320, 240),
+            lambda: sign((320, 240), "A7", fg=COLOURS["blue"]),
+            "what is the seat number?",
+            ["a7"] * 9 + ["7"],
+            ["A7"],
+            ["Ticket"],
+        ),
+        (
+            (800, 600),
+            lambda: two_lines((800, 600), "MILK", "1 LITRE"),
+            "what product is this?",
+            ["milk"] * 10,
+            ["MILK", "1", "LITRE"],
+            ["Bottle", "Food"],
+        ),
+        (
+            (480, 900),
+            lambda: sign((480, 900), "SALE", bg=WHITE, board=COLOURS["orange"], fg=WHITE),
+            "what is written in the orange box?",
+            ["sale"] * 10,
+            ["SALE"],
+            ["Poster"],
+        ),
+        (
+            (640, 480),
+            lambda: two_lines((640, 480), "PLATFORM", "9"),
+            "what platform number is it?",
+            ["9"] * 8 + ["nine", "platform 9"],
+            ["PLATFORM", "9"],
+            ["Sign"],
+        ),
+        (
+            (1024, 384),
+            lambda: sign((1024, 384), "BOOKS", board=COLOURS["purple"], fg=WHITE),
+            "what kind of store is advertised?",
+            ["books"] * 6 + ["book store"] * 2 + ["bookstore"] * 2,
+            ["BOOKS"],
+            ["Sign"],
+        ),
+        (
+            (320, 240),
+            lambda: sign((320, 240), "5 km", bg=(230, 255, 230), board=COLOURS["green"], fg=WHITE),
+            "how far is it?",
+            ["5 km"] * 7 + ["5"] * 2 + ["5km"],
+            ["5", "km"],
+            ["Road sign"],
+        ),
     ]
     rows = []
     for i, (size, paint, q, answers, ocr, classes) in enumerate(specs):
@@ -225,42 +297,94 @@ def textvqa_rows(rng: random.Random) -> List[Dict[str, object]]:
 # --------------------------------------------------------------------------- MME
 
 
-def mme_rows(rng: random.Random) -> List[Dict[str, object]]:
+def mme_rows(rng: random.Random) -> list[dict[str, object]]:
     sfx = " Please answer yes or no."
     # (category, image file name, painter, yes-question, no-question)
     specs = [
-        ("existence", "existence/0001.png",
-         lambda: shapes_scene((640, 480), [("circle", "red", 0.3, 0.5, 0.15), ("square", "blue", 0.7, 0.5, 0.15)]),
-         "Is there a red circle in this image?", "Is there a green triangle in this image?"),
-        ("existence", "existence/0002.png",
-         lambda: shapes_scene((320, 240), [("star", "yellow", 0.5, 0.5, 0.35)], bg=(20, 20, 60)),
-         "Is there a star in this image?", "Is there a square in this image?"),
-        ("count", "count/0001.png", lambda: row_of((800, 600), "circle", "blue", 3),
-         "Are there three circles in this image?", "Are there five circles in this image?"),
-        ("count", "count/0002.png", lambda: row_of((480, 900), "square", "green", 2, y=0.5),
-         "Are there two squares in the image?", "Are there four squares in the image?"),
-        ("position", "position/0001.png",
-         lambda: shapes_scene((1024, 384), [("circle", "red", 0.2, 0.5, 0.3), ("triangle", "blue", 0.8, 0.5, 0.3)]),
-         "Is the red circle on the left side of the image?", "Is the red circle on the right side of the image?"),
-        ("color", "color/0001.png", lambda: shapes_scene((640, 480), [("square", "green", 0.5, 0.5, 0.3)]),
-         "Is the square in the image green?", "Is the square in the image red?"),
-        ("color", "color/0002.png", lambda: shapes_scene((320, 240), [("triangle", "purple", 0.5, 0.55, 0.35)]),
-         "Is the triangle purple?", "Is the triangle yellow?"),
-        ("OCR", "OCR/0001.png", lambda: sign((800, 600), "HELLO", board=(220, 235, 255)),
-         'Is the word in the image "HELLO"?', 'Is the word in the image "WORLD"?'),
-        ("commonsense_reasoning", "commonsense_reasoning/0001.png", lambda: traffic_light((480, 900), "red"),
-         "Should a car stop when it sees this traffic light?", "Can a car drive on when it sees this traffic light?"),
-        ("numerical_calculation", "numerical_calculation/0001.png",
-         lambda: sign((640, 480), "7 + 5 = ?", board=WHITE, text_size=72),
-         "Is the answer to the arithmetic question in the image 12?",
-         "Is the answer to the arithmetic question in the image 13?"),
-        ("text_translation", "text_translation/0001.png", lambda: sign((800, 600), "ROUGE", board=(255, 230, 230)),
-         "Is it appropriate to translate the French word in the image into English as 'red'?",
-         "Is it appropriate to translate the French word in the image into English as 'blue'?"),
-        ("code_reasoning", "code_reasoning/0001.png",
-         lambda: code_card((640, 480), ["a = 2", "b = 3", "print(a * b)"]),
-         "The image shows a python code. Is the output of the code '6'?",
-         "The image shows a python code. Is the output of the code '5'?"),
+        (
+            "existence",
+            "existence/0001.png",
+            lambda: shapes_scene((640, 480), [("circle", "red", 0.3, 0.5, 0.15), ("square", "blue", 0.7, 0.5, 0.15)]),
+            "Is there a red circle in this image?",
+            "Is there a green triangle in this image?",
+        ),
+        (
+            "existence",
+            "existence/0002.png",
+            lambda: shapes_scene((320, 240), [("star", "yellow", 0.5, 0.5, 0.35)], bg=(20, 20, 60)),
+            "Is there a star in this image?",
+            "Is there a square in this image?",
+        ),
+        (
+            "count",
+            "count/0001.png",
+            lambda: row_of((800, 600), "circle", "blue", 3),
+            "Are there three circles in this image?",
+            "Are there five circles in this image?",
+        ),
+        (
+            "count",
+            "count/0002.png",
+            lambda: row_of((480, 900), "square", "green", 2, y=0.5),
+            "Are there two squares in the image?",
+            "Are there four squares in the image?",
+        ),
+        (
+            "position",
+            "position/0001.png",
+            lambda: shapes_scene((1024, 384), [("circle", "red", 0.2, 0.5, 0.3), ("triangle", "blue", 0.8, 0.5, 0.3)]),
+            "Is the red circle on the left side of the image?",
+            "Is the red circle on the right side of the image?",
+        ),
+        (
+            "color",
+            "color/0001.png",
+            lambda: shapes_scene((640, 480), [("square", "green", 0.5, 0.5, 0.3)]),
+            "Is the square in the image green?",
+            "Is the square in the image red?",
+        ),
+        (
+            "color",
+            "color/0002.png",
+            lambda: shapes_scene((320, 240), [("triangle", "purple", 0.5, 0.55, 0.35)]),
+            "Is the triangle purple?",
+            "Is the triangle yellow?",
+        ),
+        (
+            "OCR",
+            "OCR/0001.png",
+            lambda: sign((800, 600), "HELLO", board=(220, 235, 255)),
+            'Is the word in the image "HELLO"?',
+            'Is the word in the image "WORLD"?',
+        ),
+        (
+            "commonsense_reasoning",
+            "commonsense_reasoning/0001.png",
+            lambda: traffic_light((480, 900), "red"),
+            "Should a car stop when it sees this traffic light?",
+            "Can a car drive on when it sees this traffic light?",
+        ),
+        (
+            "numerical_calculation",
+            "numerical_calculation/0001.png",
+            lambda: sign((640, 480), "7 + 5 = ?", board=WHITE, text_size=72),
+            "Is the answer to the arithmetic question in the image 12?",
+            "Is the answer to the arithmetic question in the image 13?",
+        ),
+        (
+            "text_translation",
+            "text_translation/0001.png",
+            lambda: sign((800, 600), "ROUGE", board=(255, 230, 230)),
+            "Is it appropriate to translate the French word in the image into English as 'red'?",
+            "Is it appropriate to translate the French word in the image into English as 'blue'?",
+        ),
+        (
+            "code_reasoning",
+            "code_reasoning/0001.png",
+            lambda: code_card((640, 480), ["a = 2", "b = 3", "print(a * b)"]),
+            "The image shows a python code. Is the output of the code '6'?",
+            "The image shows a python code. Is the output of the code '5'?",
+        ),
     ]
     rows = []
     for category, qid, paint, q_yes, q_no in specs:
@@ -275,23 +399,39 @@ def mme_rows(rng: random.Random) -> List[Dict[str, object]]:
 # --------------------------------------------------------------------------- POPE
 
 
-def pope_rows(rng: random.Random) -> List[Dict[str, object]]:
+def pope_rows(rng: random.Random) -> list[dict[str, object]]:
     scenes = {
-        "1001": ((640, 480), [("circle", "red", 0.25, 0.4, 0.12), ("square", "blue", 0.6, 0.6, 0.12), ("star", "yellow", 0.8, 0.3, 0.1)]),
+        "1001": (
+            (640, 480),
+            [("circle", "red", 0.25, 0.4, 0.12), ("square", "blue", 0.6, 0.6, 0.12), ("star", "yellow", 0.8, 0.3, 0.1)],
+        ),
         "1002": ((800, 600), [("triangle", "green", 0.3, 0.5, 0.15), ("triangle", "orange", 0.7, 0.5, 0.15)]),
         "1003": ((320, 240), [("square", "purple", 0.5, 0.5, 0.3)]),
         "1004": ((480, 900), [("circle", "blue", 0.5, 0.25, 0.3), ("star", "red", 0.5, 0.7, 0.3)]),
-        "1005": ((1024, 384), [("circle", "green", 0.15, 0.5, 0.3), ("square", "yellow", 0.5, 0.5, 0.3), ("triangle", "red", 0.85, 0.5, 0.3)]),
+        "1005": (
+            (1024, 384),
+            [
+                ("circle", "green", 0.15, 0.5, 0.3),
+                ("square", "yellow", 0.5, 0.5, 0.3),
+                ("triangle", "red", 0.85, 0.5, 0.3),
+            ],
+        ),
         "1006": ((640, 480), [("star", "purple", 0.5, 0.5, 0.35)]),
     }
     # (image, object asked about, answer, POPE sampling strategy)
     qs = [
-        ("1001", "circle", "yes", "random"), ("1001", "triangle", "no", "adversarial"),
-        ("1002", "triangle", "yes", "popular"), ("1002", "star", "no", "random"),
-        ("1003", "square", "yes", "adversarial"), ("1003", "circle", "no", "popular"),
-        ("1004", "star", "yes", "random"), ("1004", "square", "no", "adversarial"),
-        ("1005", "triangle", "yes", "popular"), ("1005", "star", "no", "popular"),
-        ("1006", "star", "yes", "adversarial"), ("1006", "triangle", "no", "random"),
+        ("1001", "circle", "yes", "random"),
+        ("1001", "triangle", "no", "adversarial"),
+        ("1002", "triangle", "yes", "popular"),
+        ("1002", "star", "no", "random"),
+        ("1003", "square", "yes", "adversarial"),
+        ("1003", "circle", "no", "popular"),
+        ("1004", "star", "yes", "random"),
+        ("1004", "square", "no", "adversarial"),
+        ("1005", "triangle", "yes", "popular"),
+        ("1005", "star", "no", "popular"),
+        ("1006", "star", "yes", "adversarial"),
+        ("1006", "triangle", "no", "random"),
     ]
     images = {}
     for src, (size, items) in scenes.items():
@@ -317,7 +457,7 @@ def pope_rows(rng: random.Random) -> List[Dict[str, object]]:
 # --------------------------------------------------------------------------- writing
 
 
-def write(rows: List[Dict[str, object]], features, path: str) -> None:
+def write(rows: list[dict[str, object]], features, path: str) -> None:
     import datasets
 
     ds = datasets.Dataset.from_list(rows, features=features)
@@ -326,7 +466,8 @@ def write(rows: List[Dict[str, object]], features, path: str) -> None:
 
 
 def main(out_dir: str = HERE) -> None:
-    from datasets import Features, Image as HFImage, Sequence, Value
+    from datasets import Features, Sequence, Value
+    from datasets import Image as HFImage
 
     rng = random.Random(SEED)
 
@@ -346,7 +487,13 @@ def main(out_dir: str = HERE) -> None:
         }
     )
     mme_features = Features(
-        {"question_id": Value("string"), "image": HFImage(), "question": Value("string"), "answer": Value("string"), "category": Value("string")}
+        {
+            "question_id": Value("string"),
+            "image": HFImage(),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "category": Value("string"),
+        }
     )
     pope_features = Features(
         {

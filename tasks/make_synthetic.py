@@ -1,4 +1,4 @@
-"""Write the parquet files of the ``synth_*`` lmms-eval tasks from :mod:`lmms_adaptive.synthetic`.
+"""Write the parquet files of the ``synth_*`` lmms-eval tasks from :mod:`lmms_adaptive.default.synthetic`.
 
     python tasks/make_synthetic.py            # rewrite tasks/synth_*.parquet
     python tasks/make_synthetic.py OUT_DIR    # write them somewhere else (used by the tests)
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lmms_adaptive.synthetic import VQA_QTYPES, generate, write_parquet
+from lmms_adaptive.default.synthetic import VQA_QTYPES, generate, write_parquet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 0

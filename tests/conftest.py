@@ -50,14 +50,14 @@ def golden_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random MolmoE checkpoint folder (seed 0). Treat as read-only: copy it to modify it."""
-    from lmms_adaptive.tiny import build_tiny
+    from lmms_adaptive.default.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_seed0"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_dir_seed1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmms_adaptive.tiny import build_tiny
+    from lmms_adaptive.default.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_seed1"), seed=1)
 

@@ -13,9 +13,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import controller_overhead
-import knob_latency
-import reading_diagnosis
+import controller_overhead  # noqa: E402 (the benchmark scripts are found through sys.path)
+import knob_latency  # noqa: E402
+import reading_diagnosis  # noqa: E402
 
 ROW_KEYS = {
     "max_crops", "top_k", "active_blocks", "vision_ms", "prefill_ms", "decode_ms_per_token", "total_ms", "image",

@@ -13,24 +13,26 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lmms_adaptive.checkpoint import (
+from lmms_adaptive.core.checkpoint import (
     PICKLE,
     SAFETENSORS,
     SAFETENSORS_INDEX,
+    SHIPPED_CHECKPOINT,
     CheckpointError,
     build_model,
     convert,
+    default_checkpoint,
     fingerprint,
     iter_tensors,
     load_model,
     weight_files,
     write_safetensors,
 )
-from lmms_adaptive.config import MolmoeConfig
-from lmms_adaptive.model import LayerSchedule, MolmoeForCausalLM
-from lmms_adaptive.processor import MolmoeProcessor
-from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
-from lmms_adaptive.tiny import IMAGE_TOKENS, SHIPPED_CHECKPOINT, build_tiny, default_checkpoint
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.model import LayerSchedule, MolmoeForCausalLM
+from lmms_adaptive.core.processor import MolmoeProcessor
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
+from lmms_adaptive.default.tiny import IMAGE_TOKENS, build_tiny
 
 PROMPT_IDS = torch.tensor([[0, 17, 250, 3, 99, 480, 12, 7, 301, 44]])
 

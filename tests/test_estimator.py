@@ -1,30 +1,28 @@
 """The latency estimator: recovery of a known latency formula, closed-form prediction, persistence, metrics,
-the by-sample split, plots and the CLI. Everything runs on synthetic ProfileRows (no model)."""
+the by-sample split, plots and the CLI. Everything runs on synthetic RequestRecords (no model)."""
 
 from __future__ import annotations
 
 import json
 import math
 import timeit
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_records import make_record, write_profile
 
-from lmms_adaptive.estimator import (
-    FEATURES,
-    LatencyEstimator,
-    evaluate,
-    format_evaluation,
-    main,
-    plot_evaluation,
-    split_rows,
-)
-from lmms_adaptive.plan import Plan
-from lmms_adaptive.records import ProfileRow
+from lmms_adaptive.controllers.base import knob_space_json
+from lmms_adaptive.controllers.estimator import FEATURES, LatencyEstimator
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.plan import KnobSpace, Plan
+from lmms_adaptive.serving.records import RequestRecord
+from lmms_adaptive.tools.estimator import evaluate, fit_estimator, format_evaluation, main, plot_evaluation, split_rows
 
-MODEL_TOP_K = 8
+PACKAGED_CONFIG = Path(__file__).resolve().parents[1] / "lmms_adaptive" / "resources" / "molmoe_config.json"
+KNOBS = KnobSpace.from_config(MolmoeConfig.from_dict(json.loads(PACKAGED_CONFIG.read_text())))  # MolmoE-1B's
+
 # The latency formula the synthetic rows follow, in the estimator's feature order (see FEATURES).
 TRUE = {
     "preprocess": (2.0, 1.5, 8.0),
@@ -35,24 +33,11 @@ TRUE = {
 }
 
 
-def make_row(**fields) -> ProfileRow:
-    """A ProfileRow with defaults for every field a test does not care about."""
-    defaults = {
-        "task": "synth_vqa_test", "doc_id": 0, "split": "test", "max_crops": 12, "top_k": 8, "n_blocks": 16,
-        "insert_pos": 1, "renormalize": False, "n_crops": 5, "n_image_tokens": 720, "n_text_tokens": 30,
-        "n_prompt_tokens": 750, "n_output_tokens": 1, "max_new_tokens": 64, "preprocess_ms": 10.0, "vision_ms": 30.0,
-        "prefill_ms": 50.0, "decode_ms": [], "total_ms": 90.0, "score": 1.0, "answer": "yes", "stop_reason": "eos",
-        "device": "test-gpu", "model_fingerprint": "f00d",
-    }  # fmt: skip
-    defaults.update(fields)
-    return ProfileRow(**defaults)
-
-
 def true_ms(stage: str, plan: Plan, n_crops: int = 0, context: int = 0, pixels: int = 0) -> float:
     """The known formula, written out independently of the estimator's feature functions."""
     c = TRUE[stage]
     blocks, p = plan.n_blocks, plan.insert_pos
-    k_sum = p * MODEL_TOP_K + (blocks - p) * plan.top_k
+    k_sum = p * KNOBS.model_top_k + (blocks - p) * plan.top_k
     if stage == "preprocess":
         return c[0] + c[1] * n_crops + c[2] * pixels / 1e6
     if stage == "vision":
@@ -62,7 +47,7 @@ def true_ms(stage: str, plan: Plan, n_crops: int = 0, context: int = 0, pixels: 
     return c[0] + c[1] * blocks + c[2] * k_sum + c[3] * blocks * context  # decode at context length `context`
 
 
-def synthetic_rows(n_samples: int, plans_per_sample: int, noise: float, seed: int) -> list[ProfileRow]:
+def synthetic_rows(n_samples: int, plans_per_sample: int, noise: float, seed: int) -> list[RequestRecord]:
     """Samples (an image size, a question length, an answer length) x random valid MolmoE plans; every
     latency from the known formula, times lognormal noise of relative size `noise`."""
     rng = np.random.default_rng(seed)
@@ -88,7 +73,7 @@ def synthetic_rows(n_samples: int, plans_per_sample: int, noise: float, seed: in
             decode = [noisy(true_ms("decode", plan, context=prompt + t)) for t in range(1, n_steps + 1)]
             total = sum(stages.values()) + sum(decode) + TRUE["overhead"][0] * (n_steps + 1)
             rows.append(
-                make_row(
+                make_record(
                     doc_id=doc,
                     max_crops=plan.max_crops,
                     top_k=plan.top_k,
@@ -112,13 +97,13 @@ def synthetic_rows(n_samples: int, plans_per_sample: int, noise: float, seed: in
 
 
 @pytest.fixture(scope="module")
-def exact_rows() -> list[ProfileRow]:
+def exact_rows() -> list[RequestRecord]:
     return synthetic_rows(n_samples=12, plans_per_sample=8, noise=0.0, seed=1)
 
 
 @pytest.fixture(scope="module")
-def exact(exact_rows: list[ProfileRow]) -> LatencyEstimator:
-    return LatencyEstimator.fit(exact_rows)
+def exact(exact_rows: list[RequestRecord]) -> LatencyEstimator:
+    return fit_estimator(exact_rows, KNOBS)
 
 
 def hand_estimator() -> LatencyEstimator:
@@ -133,8 +118,8 @@ def hand_estimator() -> LatencyEstimator:
     return LatencyEstimator.from_dict(
         {
             "format": "lmms_adaptive.latency_estimator",
-            "version": 2,
-            "model_top_k": MODEL_TOP_K,
+            "version": 3,
+            "knob_space": knob_space_json(KNOBS),
             "stages": {s: {"features": list(FEATURES[s]), "coef": coef[s]} for s in FEATURES},
             "metadata": {"device": "test-gpu", "model_fingerprint": "f00d", "n_rows": 2, "fitted_at": "now"},
         }
@@ -144,8 +129,8 @@ def hand_estimator() -> LatencyEstimator:
 # -- fitting ------------------------------------------------------------------------------------------
 
 
-def test_fit_recovers_the_formula_without_noise(exact: LatencyEstimator, exact_rows: list[ProfileRow]) -> None:
-    assert exact.model_top_k == MODEL_TOP_K  # inferred: the largest top_k in the rows
+def test_fit_recovers_the_formula_without_noise(exact: LatencyEstimator, exact_rows: list[RequestRecord]) -> None:
+    assert exact.knobs == KNOBS
     for stage, coef in TRUE.items():
         assert getattr(exact, stage).features == FEATURES[stage]
         np.testing.assert_allclose(getattr(exact, stage).coef, coef, rtol=1e-6, err_msg=stage)
@@ -160,7 +145,7 @@ def test_fit_recovers_the_formula_without_noise(exact: LatencyEstimator, exact_r
 def test_held_out_errors_are_small_with_noise() -> None:
     rows = synthetic_rows(n_samples=40, plans_per_sample=6, noise=0.02, seed=2)
     train, held = split_rows(rows, 0.25, seed=0)
-    estimator = LatencyEstimator.fit(train)
+    estimator = fit_estimator(train, KNOBS)
     overall = evaluate(estimator, held)["all"]["all"]
     assert overall["prefill"]["mape_pct"] < 3.0
     assert overall["total"]["mape_pct"] < 8.0
@@ -180,33 +165,33 @@ def test_rows_that_met_load_do_not_drag_the_fit() -> None:
         for i, r in enumerate(rows)
     ]  # fmt: skip
     clean = synthetic_rows(n_samples=10, plans_per_sample=6, noise=0.0, seed=5)
-    overall = evaluate(LatencyEstimator.fit(spiked), clean)["all"]["all"]
+    overall = evaluate(fit_estimator(spiked, KNOBS), clean)["all"]["all"]
     for stage in ("vision", "prefill", "decode", "total"):  # measured: 0.09, 0.04, 0.03, 0.03 %
         assert overall[stage]["mape_pct"] < 0.3, stage
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("lmms_adaptive.estimator.ROBUST_REFITS", 0)
-        plain = evaluate(LatencyEstimator.fit(spiked), clean)["all"]["all"]
+        mp.setattr("lmms_adaptive.tools.estimator.ROBUST_REFITS", 0)
+        plain = evaluate(fit_estimator(spiked, KNOBS), clean)["all"]["all"]
     for stage in ("vision", "prefill", "decode"):  # measured: 0.9, 1.1, 1.6 %
         assert plain[stage]["mape_pct"] > 5 * overall[stage]["mape_pct"], stage
 
 
 def test_insert_pos_counts_the_early_blocks_at_the_model_top_k(exact: LatencyEstimator) -> None:
     early = Plan(12, 4, 16, insert_pos=5)
-    assert exact.k_sum(early) == 5 * 8 + 11 * 4
+    assert KNOBS.expert_work(early) == 5 * 8 + 11 * 4
     assert exact.decode_step_ms(early, 800) == pytest.approx(true_ms("decode", early, context=800), rel=1e-6)
     assert exact.decode_step_ms(early, 800) > exact.decode_step_ms(Plan(12, 4, 16, insert_pos=1), 800)
 
 
-def test_fit_rejects_empty_mixed_and_uniform_rows(exact_rows: list[ProfileRow]) -> None:
+def test_fit_rejects_empty_mixed_and_uniform_rows(exact_rows: list[RequestRecord]) -> None:
     with pytest.raises(ValueError, match="no profile rows"):
-        LatencyEstimator.fit([])
+        fit_estimator([], KNOBS)
     with pytest.raises(ValueError, match="several values of device"):
-        LatencyEstimator.fit([*exact_rows, replace(exact_rows[0], device="other-gpu")])
-    one_plan = [replace(r, top_k=8, n_blocks=16, insert_pos=1) for r in exact_rows]
+        fit_estimator([*exact_rows, replace(exact_rows[0], device="other-gpu")], KNOBS)
+    one_plan = [replace(r, plan=Plan(r.plan.max_crops, 8, 16, 1)) for r in exact_rows]
     with pytest.raises(ValueError, match=r"prefill: .*feature\(s\) \['B'.*n_blocks \[16\]"):
-        LatencyEstimator.fit(one_plan)
-    with pytest.raises(ValueError, match="model_top_k 4"):
-        LatencyEstimator.fit(exact_rows, model_top_k=4)
+        fit_estimator(one_plan, KNOBS)
+    with pytest.raises(ValueError, match=r"row synth_vqa_test/0: plan\.top_k must be in 1\.\.4"):
+        fit_estimator(exact_rows, replace(KNOBS, model_top_k=4))
 
 
 # -- prediction ---------------------------------------------------------------------------------------
@@ -258,7 +243,7 @@ def test_bad_files_name_the_file_and_the_key(exact: LatencyEstimator, tmp_path: 
     for key, edit in [
         ("stages.prefill.coef", lambda d: d["stages"]["prefill"].pop("coef")),
         ("metadata.device", lambda d: d["metadata"].pop("device")),
-        ("model_top_k", lambda d: d.pop("model_top_k")),
+        ("knob_space", lambda d: d.pop("knob_space")),
     ]:
         d = exact.to_dict()
         edit(d)
@@ -282,9 +267,9 @@ def test_bad_files_name_the_file_and_the_key(exact: LatencyEstimator, tmp_path: 
 
 def test_evaluate_matches_hand_computed_metrics() -> None:
     rows = [
-        make_row(doc_id=1, max_crops=3, n_crops=2, preprocess_ms=2.5, vision_ms=1.0, prefill_ms=8.0,
+        make_record(doc_id=1, max_crops=3, n_crops=2, preprocess_ms=2.5, vision_ms=1.0, prefill_ms=8.0,
                  decode_ms=[2.0, 2.5], total_ms=16.5),
-        make_row(doc_id=2, max_crops=12, n_crops=4, preprocess_ms=3.0, vision_ms=2.0, prefill_ms=12.0,
+        make_record(doc_id=2, max_crops=12, n_crops=4, preprocess_ms=3.0, vision_ms=2.0, prefill_ms=12.0,
                  decode_ms=[1.0], total_ms=18.5),
     ]  # fmt: skip
     ev = evaluate(hand_estimator(), rows)
@@ -327,7 +312,7 @@ def test_evaluate_matches_hand_computed_metrics() -> None:
         evaluate(hand_estimator(), [])
 
 
-def test_split_rows_keeps_samples_whole_and_is_deterministic(exact_rows: list[ProfileRow]) -> None:
+def test_split_rows_keeps_samples_whole_and_is_deterministic(exact_rows: list[RequestRecord]) -> None:
     train, held = split_rows(exact_rows, 0.25, seed=3)
     samples = {(r.task, r.doc_id) for r in exact_rows}
     train_samples, held_samples = {(r.task, r.doc_id) for r in train}, {(r.task, r.doc_id) for r in held}
@@ -345,7 +330,7 @@ def test_split_rows_keeps_samples_whole_and_is_deterministic(exact_rows: list[Pr
 # -- plots and CLI ------------------------------------------------------------------------------------
 
 
-def test_plot_evaluation_writes_pngs(exact: LatencyEstimator, exact_rows: list[ProfileRow], tmp_path: Path) -> None:
+def test_plot_evaluation_writes_pngs(exact: LatencyEstimator, exact_rows: list[RequestRecord], tmp_path: Path) -> None:
     paths = plot_evaluation(exact, exact_rows, tmp_path / "plots")
     assert [p.name for p in paths] == ["predicted_vs_measured.png", "relative_error.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
@@ -355,7 +340,7 @@ def test_cli_fit_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     profile_dir = tmp_path / "profile"
     profile_dir.mkdir()
     rows = synthetic_rows(n_samples=10, plans_per_sample=6, noise=0.01, seed=4)
-    (profile_dir / "journal.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    write_profile(profile_dir, rows, KNOBS)
     out = tmp_path / "est.json"
     assert main(["fit", str(profile_dir), "--out", str(out), "--holdout", "0.2", "--seed", "1"]) == 0
     assert "held-out evaluation: " in capsys.readouterr().out

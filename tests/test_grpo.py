@@ -13,9 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmms_adaptive.config import MolmoeConfig
-from lmms_adaptive.controllers import ArtifactError, RequestFacts, read_artifact
-from lmms_adaptive.grpo import (
+from lmms_adaptive.controllers.base import ArtifactError, read_artifact
+from lmms_adaptive.controllers.grpo import (
+    PolicyDims,
+    PolicyRequest,
+    TwoStagePolicy,
+    request_feature_dim,
+    request_features,
+    sinusoidal_budget,
+)
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.plan import KnobSpace, Plan, RequestFacts
+from lmms_adaptive.tools.grpo import (
     GRPOConfig,
     GRPORun,
     Penalty,
@@ -25,16 +34,6 @@ from lmms_adaptive.grpo import (
     make_optimizer,
     reward,
     train,
-)
-from lmms_adaptive.plan import KnobSpace, Plan
-from lmms_adaptive.policy import (
-    PolicyDims,
-    PolicyRequest,
-    TwoStagePolicy,
-    question_summary,
-    request_feature_dim,
-    request_features,
-    sinusoidal_budget,
 )
 
 # Like MolmoE-1B: tiers 3/6/12, top-k 4..8, 16 layers (blocks 12..16), insertion after block 1..5.
@@ -227,7 +226,7 @@ def test_sinusoidal_budget_is_deterministic_and_distinct() -> None:
         sinusoidal_budget(budgets, 255)
 
 
-def test_request_features_and_question_summary() -> None:
+def test_request_features() -> None:
     facts = RequestFacts(
         budget_ms=200.0,
         question="q",
@@ -242,9 +241,6 @@ def test_request_features_and_question_summary() -> None:
     torch.testing.assert_close(features, torch.log1p(torch.tensor([99.0, 199, 399, 4, 7, 13, 19, 63])))
     with pytest.raises(ValueError, match="tiers"):
         request_features(RequestFacts(**{**facts.__dict__, "crops_per_tier": {3: 4}}), KNOBS)
-    table = torch.arange(12, dtype=torch.bfloat16).reshape(4, 3)
-    torch.testing.assert_close(question_summary([1, 3], table), torch.tensor([6.0, 7.0, 8.0]))
-    assert torch.equal(question_summary([], table), torch.zeros(3))
 
 
 def test_stage2_never_samples_an_invalid_block_count() -> None:
@@ -315,7 +311,7 @@ def test_greedy_and_samples_are_valid_plans() -> None:
 
 def test_budget_outside_trained_range_is_clamped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     policy = make_policy()
-    with caplog.at_level(logging.WARNING, logger="lmms_adaptive.policy"):
+    with caplog.at_level(logging.WARNING, logger="lmms_adaptive.controllers.grpo"):
         low = policy.latency_token(torch.tensor([10.0]))
         high = policy.latency_token(torch.tensor([5000.0, 400.0]))
         policy.latency_token(torch.tensor([20.0]))

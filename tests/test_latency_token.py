@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_adaptive.checkpoint import load_model
-from lmms_adaptive.plan import DeferredPlan, Plan
-from lmms_adaptive.processor import MolmoeProcessor
-from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
+from lmms_adaptive.core.checkpoint import load_model
+from lmms_adaptive.core.plan import DeferredPlan, Plan
+from lmms_adaptive.core.processor import MolmoeProcessor
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 
 QUESTION = "What is written on the sign?"
 GEN = GenerationConfig(max_new_tokens=5, stop_at_eos=False, keep_step_logits=True)
@@ -103,3 +103,9 @@ def test_skipped_blocks_get_no_cache_with_a_deferred_plan(rt: AdaptiveMolmoe, mo
     request = rt.processor(QUESTION, [image()], max_crops=3)
     rt.run(request, DeferredPlan(3, 2, token(rt), lambda _: plan), GEN)
     assert set(caches[0].k) == set(rt.schedule(plan).blocks) and len(caches[0].k) == 7
+
+
+def test_question_summary_is_the_mean_embedding_row(rt: AdaptiveMolmoe) -> None:
+    table = rt.model.model.transformer.wte.embedding
+    torch.testing.assert_close(rt.question_summary([1, 3]), (table[1] + table[3]).float() / 2)
+    assert torch.equal(rt.question_summary([]), torch.zeros(rt.model.config.d_model))

@@ -4,43 +4,45 @@ on hand-made profile rows."""
 from __future__ import annotations
 
 import json
-import shutil
-import sys
-import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from fake_records import make_record, write_profile
 
-from lmms_adaptive import lookup
-from lmms_adaptive.config import MolmoeConfig
-from lmms_adaptive.controllers import ArtifactError, RequestFacts, Stage1, load_controller, read_artifact
-from lmms_adaptive.plan import KnobSpace, Plan
-from lmms_adaptive.records import ProfileRow
+from lmms_adaptive.controllers import load_controller
+from lmms_adaptive.controllers import lookup as controller_module
+from lmms_adaptive.controllers.base import ArtifactError, Stage1, read_artifact
+from lmms_adaptive.controllers.lookup import Choice, LookupController, LookupTable, lookup_artifact
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.plan import KnobSpace, Plan, RequestFacts
+from lmms_adaptive.serving.records import RequestRecord
+from lmms_adaptive.tools import lookup
 
 FP = "model-under-test"
 # the MolmoE-1B knob space
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "lmms_adaptive" / "resources" / "molmoe_config.json"
 KNOBS = KnobSpace.from_config(MolmoeConfig.from_dict(json.loads(REAL_CONFIG.read_text())))
+MODEL = SimpleNamespace(knobs=KNOBS, model_id=FP)  # what a controller reads of the loaded model
 LOW, MID, HIGH = Plan(3, 4, 12), Plan(6, 6, 14), Plan(12, 8, 16)
 NEAR = Plan(12, 8, 14)
 
 
 def make_row(plan: Plan = HIGH, task: str = "vqa", doc_id: int = 0, score: float = 1.0, total_ms: float = 100.0,
-             n_output_tokens: int = 3, model_fingerprint: str = FP, device: str = "test-gpu") -> ProfileRow:  # fmt: skip
+             n_output_tokens: int = 3, model_fingerprint: str = FP, device: str = "test-gpu") -> RequestRecord:  # fmt: skip
     n_crops = plan.max_crops + 1
     n_image, n_text = 100 * n_crops, 20
-    return ProfileRow(
-        task=task, doc_id=doc_id, split="test", max_crops=plan.max_crops, top_k=plan.top_k, n_blocks=plan.n_blocks,
-        insert_pos=plan.insert_pos, renormalize=plan.renormalize, n_crops=n_crops, n_image_tokens=n_image,
-        n_text_tokens=n_text, n_prompt_tokens=n_image + n_text, n_output_tokens=n_output_tokens, max_new_tokens=16,
+    return make_record(
+        task=task, doc_id=doc_id, plan=plan, n_crops=n_crops, n_image_tokens=n_image, n_text_tokens=n_text,
+        n_prompt_tokens=n_image + n_text, n_output_tokens=n_output_tokens, max_new_tokens=16,
         preprocess_ms=0.1 * total_ms, vision_ms=0.3 * total_ms, prefill_ms=0.3 * total_ms,
         decode_ms=[0.3 * total_ms / n_output_tokens] * n_output_tokens, total_ms=total_ms, score=score, answer="a",
-        stop_reason="eos", device=device, model_fingerprint=model_fingerprint,
+        device=device, model_fingerprint=model_fingerprint,
     )  # fmt: skip
 
 
-def sweep(measured: dict[Plan, list[tuple[float, float]]], task: str = "vqa", **kw) -> list[ProfileRow]:
+def sweep(measured: dict[Plan, list[tuple[float, float]]], task: str = "vqa", **kw) -> list[RequestRecord]:
     """Rows from {plan: [(score, total_ms) of doc 0, doc 1, ...]}."""
     return [
         make_row(plan, task, doc, score, ms, **kw)
@@ -53,7 +55,7 @@ def sweep(measured: dict[Plan, list[tuple[float, float]]], task: str = "vqa", **
 THREE = {LOW: [(0.0, 40.0), (1.0, 60.0)], MID: [(1.0, 90.0), (0.5, 110.0)], HIGH: [(1.0, 190.0), (1.0, 210.0)]}
 
 
-def three_table(**kw) -> lookup.LookupTable:
+def three_table(**kw) -> LookupTable:
     return lookup.build_table(sweep(THREE), **{"latency_stat": "mean", **kw})
 
 
@@ -87,8 +89,8 @@ def test_pick_for_budgets(budget: float | None, plan: Plan, fits: bool) -> None:
 
 
 def test_pick_returns_expected_score_and_latency() -> None:
-    assert three_table().pick(150.0) == lookup.Choice(MID, 0.75, 100.0, True)
-    assert three_table().pick(1.0) == lookup.Choice(LOW, 0.5, 50.0, False)
+    assert three_table().pick(150.0) == Choice(MID, 0.75, 100.0, True)
+    assert three_table().pick(1.0) == Choice(LOW, 0.5, 50.0, False)
 
 
 def test_latency_statistic_decides_what_fits() -> None:
@@ -218,13 +220,16 @@ class FakeEstimator:
     def from_dict(cls, d: dict) -> FakeEstimator:
         return cls(*d["coef"], model_fingerprint=d["model_fingerprint"], device=d["device"])
 
+    @classmethod
+    def load(cls, path: Path) -> FakeEstimator:
+        return cls.from_dict(json.loads(path.read_text()))
+
 
 @pytest.fixture()
 def fake_estimator_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`lmms_adaptive.estimator` as the lookup module imports it, with `FakeEstimator` as LatencyEstimator."""
-    module = types.ModuleType("lmms_adaptive.estimator")
-    module.LatencyEstimator = FakeEstimator
-    monkeypatch.setitem(sys.modules, "lmms_adaptive.estimator", module)
+    """`FakeEstimator` where the lookup controller and the lookup tool read a `LatencyEstimator`."""
+    monkeypatch.setattr(controller_module, "LatencyEstimator", FakeEstimator)
+    monkeypatch.setattr(lookup, "LatencyEstimator", FakeEstimator)
 
 
 def facts(
@@ -237,18 +242,18 @@ SMALL_IMAGE = facts(200.0, crops={3: 2, 6: 4, 12: 7}, prompt={3: 300, 6: 600, 12
 LARGE_IMAGE = facts(200.0, crops={3: 4, 6: 7, 12: 13}, prompt={3: 600, 6: 1200, 12: 2300})
 
 
-def two_tier_table() -> lookup.LookupTable:
+def two_tier_table() -> LookupTable:
     low, high = Plan(3, 8, 16), Plan(12, 8, 16)  # measured on typical images: 60 ms and 150 ms
     return lookup.build_table(sweep({low: [(0.6, 60.0)], high: [(0.9, 150.0)]}), latency_stat="mean")
 
 
 def test_request_aware_moves_a_large_image_to_a_cheaper_tier() -> None:
     table = two_tier_table()
-    aware = lookup.LookupController(table, KNOBS, FakeEstimator())
-    blind = lookup.LookupController(table, KNOBS)
+    aware = LookupController(table, KNOBS, FakeEstimator())
+    blind = LookupController(table, KNOBS)
     assert blind.stage1(SMALL_IMAGE).max_crops == blind.stage1(LARGE_IMAGE).max_crops == 12
-    assert aware.choose(SMALL_IMAGE) == lookup.Choice(Plan(12, 8, 16), 0.9, 70 + 110 + 15, True)
-    assert aware.choose(LARGE_IMAGE) == lookup.Choice(Plan(3, 8, 16), 0.6, 40 + 60 + 15, True)
+    assert aware.choose(SMALL_IMAGE) == Choice(Plan(12, 8, 16), 0.9, 70 + 110 + 15, True)
+    assert aware.choose(LARGE_IMAGE) == Choice(Plan(3, 8, 16), 0.6, 40 + 60 + 15, True)
     assert (
         aware.choose(facts(None, LARGE_IMAGE.crops_per_tier, LARGE_IMAGE.prompt_tokens_per_tier)).plan.max_crops == 12
     )
@@ -263,10 +268,10 @@ def test_request_aware_uses_this_requests_tokens_and_capped_output_length() -> N
     ]
     table = lookup.build_table(rows, latency_stat="mean")  # mean output tokens 2.5 -> 3
     estimator = FakeEstimator()
-    lookup.LookupController(table, KNOBS, estimator).choose(SMALL_IMAGE)
+    LookupController(table, KNOBS, estimator).choose(SMALL_IMAGE)
     assert estimator.calls == [(low, 2, 300, 3), (high, 7, 1100, 3)]
     estimator.calls.clear()
-    lookup.LookupController(table, KNOBS, estimator).choose(
+    LookupController(table, KNOBS, estimator).choose(
         facts(200.0, SMALL_IMAGE.crops_per_tier, SMALL_IMAGE.prompt_tokens_per_tier, 2)
     )
     assert [call[3] for call in estimator.calls] == [2, 2]
@@ -274,17 +279,17 @@ def test_request_aware_uses_this_requests_tokens_and_capped_output_length() -> N
 
 def test_request_aware_needs_plans_at_model_tiers() -> None:
     odd = lookup.build_table(sweep({Plan(5, 8, 16): [(1.0, 10.0)]}), latency_stat="mean")
-    lookup.LookupController(odd, KNOBS)  # table mode compares measured latencies: any valid max_crops
+    LookupController(odd, KNOBS)  # table mode compares measured latencies: any valid max_crops
     with pytest.raises(ValueError, match="at a tier"):
-        lookup.LookupController(odd, KNOBS, FakeEstimator())
+        LookupController(odd, KNOBS, FakeEstimator())
 
 
 def test_stage1_decides_the_whole_plan_and_describe() -> None:
-    controller = lookup.LookupController(three_table(), KNOBS)
+    controller = LookupController(three_table(), KNOBS)
     assert controller.stage1(facts(150.0, {}, {})) == Stage1(MID.max_crops, MID.insert_pos, MID)
     assert controller.describe() == {"kind": "lookup", "mode": "table", "aggregation": "mean", "latency_stat": "mean",
                                      "tolerance": 0.0, "n_plans": 3}  # fmt: skip
-    assert lookup.LookupController(three_table(), KNOBS, FakeEstimator()).describe()["mode"] == "request_aware"
+    assert LookupController(three_table(), KNOBS, FakeEstimator()).describe()["mode"] == "request_aware"
 
 
 # -- artifact -----------------------------------------------------------------------------------------
@@ -301,7 +306,7 @@ def test_artifact_round_trip_through_load_controller(tmp_path: Path) -> None:
         sweep(THREE) + [make_row(NEAR, doc_id=0)], aggregation="mean", latency_stat="p90", tolerance=0.1
     )
     source = {"profile": "runs/profile", "n_rows": 7, "created": "2025-01-01T00:00:00+00:00"}
-    artifact = lookup.lookup_artifact(table, FP, KNOBS, "test-gpu", source=source)
+    artifact = lookup_artifact(table, FP, KNOBS, "test-gpu", source=source)
     assert set(artifact) == {
         "kind",
         "model_fingerprint",
@@ -315,15 +320,15 @@ def test_artifact_round_trip_through_load_controller(tmp_path: Path) -> None:
     }
     assert artifact["settings"] == {"mode": "table", "aggregation": "mean", "latency_stat": "p90", "tolerance": 0.1}
     assert (artifact["estimator"], artifact["source"], artifact["dropped_plans"]) == (None, source, [NEAR.to_dict()])
-    controller = load_controller(read_artifact(write_artifact(tmp_path, artifact), FP, KNOBS), KNOBS)
-    assert isinstance(controller, lookup.LookupController)
+    controller = load_controller(read_artifact(write_artifact(tmp_path, artifact), FP, KNOBS), MODEL)
+    assert isinstance(controller, LookupController)
     assert controller.table == table
     for budget in (None, 10.0, 75.0, 105.0, 1000.0):
         assert controller.choose(facts(budget, {}, {})) == table.pick(budget)
 
 
 def test_artifact_of_another_model_is_refused(tmp_path: Path) -> None:
-    path = write_artifact(tmp_path, lookup.lookup_artifact(three_table(), FP, KNOBS, "test-gpu"))
+    path = write_artifact(tmp_path, lookup_artifact(three_table(), FP, KNOBS, "test-gpu"))
     with pytest.raises(ArtifactError, match="made for model model-under-test"):
         read_artifact(path, "another-model", KNOBS)
 
@@ -331,10 +336,10 @@ def test_artifact_of_another_model_is_refused(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("fake_estimator_module")
 def test_request_aware_artifact_round_trip(tmp_path: Path) -> None:
     table = two_tier_table()
-    artifact = lookup.lookup_artifact(table, FP, KNOBS, "test-gpu", FakeEstimator(ms_per_crop=20.0))
+    artifact = lookup_artifact(table, FP, KNOBS, "test-gpu", FakeEstimator(ms_per_crop=20.0))
     assert artifact["settings"]["mode"] == "request_aware"
     assert artifact["estimator"] == {"coef": [20.0, 0.1, 5.0], "model_fingerprint": FP, "device": "test-gpu"}
-    controller = load_controller(read_artifact(write_artifact(tmp_path, artifact), FP, KNOBS), KNOBS)
+    controller = load_controller(read_artifact(write_artifact(tmp_path, artifact), FP, KNOBS), MODEL)
     assert controller.describe()["mode"] == "request_aware"
     assert controller.estimator.coef == (20.0, 0.1, 5.0)
     assert controller.stage1(LARGE_IMAGE).max_crops == 3
@@ -349,10 +354,10 @@ def test_request_aware_artifact_round_trip(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_artifact_is_refused(change, message: str) -> None:
-    artifact = json.loads(json.dumps(lookup.lookup_artifact(three_table(), FP, KNOBS, "test-gpu")))
+    artifact = json.loads(json.dumps(lookup_artifact(three_table(), FP, KNOBS, "test-gpu")))
     change(artifact)
     with pytest.raises(ArtifactError, match=message):
-        load_controller(artifact, KNOBS)
+        load_controller(artifact, MODEL)
 
 
 # -- oracle -------------------------------------------------------------------------------------------
@@ -411,28 +416,10 @@ def test_oracle_summary_matches_hand_computation() -> None:
 # -- CLI ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def checkpoint(tmp_path: Path) -> tuple[Path, str]:
-    """A checkpoint folder as the fingerprint and knob space see it: the real MolmoE-1B config, stand-in weights."""
-    from lmms_adaptive.checkpoint import fingerprint
-
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    shutil.copy(Path(lookup.__file__).parent / "resources" / "molmoe_config.json", folder / "config.json")
-    (folder / "model.safetensors").write_bytes(b"stand-in weights")
-    return folder, fingerprint(folder)
-
-
-def write_profile(folder: Path, rows: list[ProfileRow]) -> Path:
-    folder.mkdir()
-    (folder / "journal.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
-    return folder
-
-
-def test_cli_build_and_show(tmp_path: Path, checkpoint: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
-    folder, fp = checkpoint
-    rows = sweep(THREE, model_fingerprint=fp) + sweep({HIGH: [(0.0, 900.0)]}, task="other", model_fingerprint=fp)
-    profile = write_profile(tmp_path / "profile", rows)
+def test_cli_build_and_show(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fp = FP
+    rows = sweep(THREE) + sweep({HIGH: [(0.0, 900.0)]}, task="other")
+    profile = write_profile(tmp_path / "profile", rows, KNOBS).parent
     out = tmp_path / "controllers" / "vqa.json"
     lookup.main(
         [
@@ -444,14 +431,12 @@ def test_cli_build_and_show(tmp_path: Path, checkpoint: tuple[Path, str], capsys
             "mean",
             "--task",
             "vqa",
-            "--pretrained",
-            str(folder),
         ]
     )
     artifact = read_artifact(out, fp, KNOBS)
     assert artifact["device"] == "test-gpu"
     assert artifact["source"]["n_rows"] == 6 and artifact["source"]["tasks"] == ["vqa"]
-    assert load_controller(artifact, KNOBS).table == three_table()
+    assert load_controller(artifact, MODEL).table == three_table()
     capsys.readouterr()
     lookup.main(["show", str(out), "--budgets", "10,100,1000"])
     lines = capsys.readouterr().out.splitlines()
@@ -464,30 +449,24 @@ def test_cli_build_and_show(tmp_path: Path, checkpoint: tuple[Path, str], capsys
     assert lines[-3].endswith("NO (cheapest)") and lines[-1].endswith("yes")
 
 
-def test_cli_refuses_rows_of_several_models(
-    tmp_path: Path, checkpoint: tuple[Path, str], capsys: pytest.CaptureFixture
-) -> None:
-    folder, fp = checkpoint
+def test_cli_refuses_rows_of_several_models(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     profile = write_profile(
-        tmp_path / "profile",
-        sweep(THREE, model_fingerprint=fp) + sweep({NEAR: [(1.0, 9.0)]}, model_fingerprint="other"),
-    )
+        tmp_path / "profile", sweep(THREE) + sweep({NEAR: [(1.0, 9.0)]}, model_fingerprint="other"), KNOBS
+    ).parent
     with pytest.raises(SystemExit):
-        lookup.main(["build", str(profile), "--out", str(tmp_path / "x.json"), "--pretrained", str(folder)])
+        lookup.main(["build", str(profile), "--out", str(tmp_path / "x.json")])
     assert "come from 2 models" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
 @pytest.mark.usefixtures("fake_estimator_module")
-def test_cli_request_aware_refuses_an_estimator_of_another_model(
-    tmp_path: Path, checkpoint: tuple[Path, str], capsys: pytest.CaptureFixture
-) -> None:
-    folder, fp = checkpoint
-    profile = write_profile(tmp_path / "profile", sweep(THREE, model_fingerprint=fp))
+def test_cli_request_aware_refuses_an_estimator_of_another_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    fp = FP
+    profile = write_profile(tmp_path / "profile", sweep(THREE), KNOBS).parent
     for name, model in (("ours", fp), ("theirs", "another-model")):
         (tmp_path / f"{name}.json").write_text(json.dumps(FakeEstimator(model_fingerprint=model).to_dict()))
     out = tmp_path / "aware.json"
-    common = ["build", str(profile), "--out", str(out), "--request-aware", "--pretrained", str(folder)]
+    common = ["build", str(profile), "--out", str(out), "--request-aware"]
     lookup.main([*common, "--estimator", str(tmp_path / "ours.json")])
     artifact = read_artifact(out, fp, KNOBS)
     assert artifact["settings"]["mode"] == "request_aware"

@@ -4,6 +4,7 @@ request runtime (generation options, stop strings, sampling, timings)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -14,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from moe_oracle import reference_experts, reference_moe
 from PIL import Image
 from safetensors import safe_open
 
 import lmms_adaptive
-from lmms_adaptive.checkpoint import iter_tensors, load_model, write_safetensors
-from lmms_adaptive.config import ConfigError, MolmoeConfig
-from lmms_adaptive.model import Experts, KVCache, LayerSchedule, MoE, MolmoeForCausalLM, count_parameters
-from lmms_adaptive.plan import KnobSpace, Plan
-from lmms_adaptive.processor import MolmoeProcessor
-from lmms_adaptive.runtime import AdaptiveMolmoe, GenerationConfig
+from lmms_adaptive.core.checkpoint import iter_tensors, load_model, write_safetensors
+from lmms_adaptive.core.config import ConfigError, MolmoeConfig
+from lmms_adaptive.core.model import Experts, KVCache, LayerSchedule, MoE, MolmoeForCausalLM, count_parameters
+from lmms_adaptive.core.plan import KnobSpace, Plan
+from lmms_adaptive.core.processor import MolmoeProcessor
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 
 PACKAGED_CONFIG = Path(lmms_adaptive.__file__).parent / "resources" / "molmoe_config.json"
 QUESTION = "What is in the image?"
@@ -146,11 +148,8 @@ def test_tiny_a_matches_original_implementation(
     golden_model, golden_inputs, golden_case, expected, variant: str, top_k: int, reference: bool
 ) -> None:
     schedule = LayerSchedule.full(golden_model.config, top_k)  # every block at this top-k, no renormalisation
-    golden_model.set_reference_moe(reference)
-    try:
+    with reference_moe(golden_model) if reference else contextlib.nullcontext():
         tokens, logits = greedy(golden_model, golden_inputs, schedule, golden_case["new_tokens"])
-    finally:
-        golden_model.set_reference_moe(False)
     assert_matches_golden(expected, variant, tokens, logits)
 
 
@@ -427,7 +426,7 @@ def test_fast_moe_paths_equal_reference(n_tokens: int, top_k: int) -> None:
     experts = _random_experts()
     x, weights, chosen = _routing(n_tokens, 16, top_k, 48, seed=n_tokens * 100 + top_k)
     with torch.no_grad():
-        ref = experts.reference(x, weights, chosen)
+        ref = reference_experts(experts, x, weights, chosen)
         assert ref.abs().max() > 0.1  # a non-trivial output
         for path in (experts, experts._gathered, experts._grouped):
             torch.testing.assert_close(path(x, weights, chosen), ref, atol=1e-5, rtol=1e-5)
@@ -442,7 +441,7 @@ def test_grouped_branch_with_all_tokens_on_one_expert() -> None:
     chosen = torch.tensor([[7, 2]] * 30)
     with torch.no_grad():
         torch.testing.assert_close(
-            experts(x, weights, chosen), experts.reference(x, weights, chosen), atol=1e-5, rtol=1e-5
+            experts(x, weights, chosen), reference_experts(experts, x, weights, chosen), atol=1e-5, rtol=1e-5
         )
 
 
@@ -666,12 +665,9 @@ def test_renormalize_in_the_model(tiny_model, tiny_inputs) -> None:
 def test_model_fast_moe_equals_reference_moe(tiny_model, tiny_inputs, top_k: int) -> None:
     schedule = LayerSchedule(tuple((i, top_k) for i in range(tiny_model.config.n_layers) if i != 5))
     fast = greedy(tiny_model, tiny_inputs, schedule, 3)  # prefill: grouped; decode: gathered (k <= 16 experts)
-    tiny_model.set_reference_moe(True)
-    try:
-        assert all(b.mlp.use_reference for b in tiny_model.model.transformer.blocks)
+    with reference_moe(tiny_model):
         ref = greedy(tiny_model, tiny_inputs, schedule, 3)
-    finally:
-        tiny_model.set_reference_moe(False)
+    assert all("forward" not in vars(b.mlp.experts) for b in tiny_model.model.transformer.blocks)  # restored
     assert fast[0] == ref[0]
     for a, b in zip(fast[1], ref[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

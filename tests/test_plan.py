@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import lmms_adaptive
-from lmms_adaptive.config import MolmoeConfig
-from lmms_adaptive.model import LayerSchedule
-from lmms_adaptive.plan import KnobSpace, Plan
-from lmms_adaptive.tiny import tiny_config
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.model import LayerSchedule
+from lmms_adaptive.core.plan import KNOBS, KnobSpace, Plan
+from lmms_adaptive.default.tiny import tiny_config
 
 # The packaged copy of the official MolmoE-1B-0924 config.json (checked against the shared one below).
 PACKAGED_CONFIG = Path(lmms_adaptive.__file__).parent / "resources" / "molmoe_config.json"
@@ -162,15 +162,32 @@ def test_bad_drop_order_raises(space: KnobSpace, order: list[int]) -> None:
         space.schedule(space.full_plan(), order)
 
 
-def test_plans_cover_the_grid_without_duplicates(space: KnobSpace) -> None:
+def test_plans_cover_the_space_once_and_narrow_by_grid(space: KnobSpace) -> None:
     plans = space.plans()
-    assert len(plans) == len(set(plans)) == 3 * 5 * 5
-    assert {(p.max_crops, p.top_k, p.n_blocks) for p in plans} == set(
-        itertools.product((3, 6, 12), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16))
-    )
+    assert len(plans) == len(set(plans)) == 3 * 5 * (5 + 4 + 3 + 2 + 1)
+    assert set(plans) == set(all_valid_plans(space))
     for plan in plans:
         space.validate(plan)
     assert space.full_plan() in plans and space.cheapest_plan() in plans
+    at_one = space.plans({"insert_pos": (1,)})
+    assert {(p.max_crops, p.top_k, p.n_blocks) for p in at_one} == set(
+        itertools.product((3, 6, 12), (4, 5, 6, 7, 8), (12, 13, 14, 15, 16))
+    )
+    narrowed = space.plans({"max_crops": (3,), "top_k": (4, 8), "insert_pos": (1,)})
+    assert {(p.max_crops, p.top_k) for p in narrowed} == {(3, 4), (3, 8)}
+    with pytest.raises(ValueError, match=r"top_k values \[3\] are not in the model's knob space"):
+        space.plans({"top_k": (3,)})
+    with pytest.raises(ValueError, match="unknown knob 'crops'"):
+        space.plans({"crops": (3,)})
+
+
+def test_knobs_are_the_plan_fields_marked_knob(space: KnobSpace) -> None:
+    assert KNOBS == ("max_crops", "top_k", "n_blocks", "insert_pos")
+    assert {k: space.options(k) for k in KNOBS} == {
+        "max_crops": (3, 6, 12), "top_k": (4, 5, 6, 7, 8), "n_blocks": (12, 13, 14, 15, 16), "insert_pos": (1, 2, 3, 4, 5)
+    }  # fmt: skip
+    assert space.expert_work(Plan(12, 4, 16, insert_pos=5)) == 5 * 8 + 11 * 4
+    assert space.expert_work(Plan(12, 6, 13, insert_pos=1)) == 8 + 12 * 6
 
 
 def test_plan_to_dict_round_trips() -> None:

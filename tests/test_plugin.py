@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_records import make_record
 
-from lmms_adaptive.controllers import static_artifact
-from lmms_adaptive.plan import Plan
-from lmms_adaptive.records import RecordWriter, RequestRecord, read_records, summarize
-from lmms_adaptive.results import latest_results, task_metrics
+from lmms_adaptive.controllers.static import static_artifact
+from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.serving.records import RecordWriter, RequestRecord, read_records, summarize
+from lmms_adaptive.tools.results import latest_results, task_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tasks"
@@ -38,7 +39,7 @@ def offline_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lmm_class(offline_env):
-    from lmms_adaptive.lmms_plugin import AdaptiveMolmoeLMM
+    from lmms_adaptive.integration.lmms_plugin import AdaptiveMolmoeLMM
 
     return AdaptiveMolmoeLMM
 
@@ -68,13 +69,14 @@ def test_mission_cli_on_tiny_default(offline_env, tmp_path):
     (record_file,) = (out / "adaptive_molmoe").glob("*.jsonl")
     records = read_records(record_file)
     assert len(records) == 12  # 4 docs x 3 tasks, one record per request
-    assert {r["task"] for r in records} == set(LOCAL_TASKS)
+    assert {r.task for r in records} == set(LOCAL_TASKS)
     for r in records:
-        assert r["plan"] == {"max_crops": 3, "top_k": 6, "n_blocks": 7, "insert_pos": 1, "renormalize": False}
-        assert r["budget_ms"] == 250.0
-        assert r["violated"] == (r["total_ms"] > 250.0)
-        assert r["n_output_tokens"] <= 4
-        assert r["total_ms"] >= r["vision_ms"] + r["prefill_ms"] + sum(r["decode_ms"])
+        assert r.plan == Plan(max_crops=3, top_k=6, n_blocks=7, insert_pos=1)
+        assert r.budget_ms == 250.0
+        assert r.violated == (r.total_ms > 250.0)
+        assert r.n_output_tokens <= 4
+        stages = r.facts_ms + r.controller_ms + r.preprocess_ms + r.vision_ms + r.prefill_ms + sum(r.decode_ms)
+        assert r.total_ms >= stages
     summary = json.loads(record_file.with_suffix(".summary.json").read_text())
     assert summary["overall"]["n_requests"] == 12
     assert summary["overall"]["latency_p95_ms"] == pytest.approx(summarize(records)["latency_p95_ms"])
@@ -100,8 +102,8 @@ def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch)
     for task in ("textvqa_val", "mme", "pope"):
         assert task_metrics(results, task), task
     records = read_records(next((tmp_path / "records").glob("*.jsonl")))
-    assert sorted({r["task"] for r in records}) == ["mme", "pope", "textvqa_val"]
-    assert all(r["budget_ms"] is None and r["violated"] is None for r in records)
+    assert sorted({r.task for r in records}) == ["mme", "pope", "textvqa_val"]
+    assert all(r.budget_ms is None and r.violated is None for r in records)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +146,7 @@ def test_controller_artifact_for_another_model_is_refused(lmm_class, tmp_path):
 
 
 def test_grpo_artifacts_are_found_per_model_and_refused_for_another(lmm_class, tiny_dir, tmp_path):
-    from lmms_adaptive.policy import GRPOController, PolicyDims, TwoStagePolicy
+    from lmms_adaptive.controllers.grpo import GRPOController, PolicyDims, TwoStagePolicy
 
     with pytest.raises(ValueError, match="no grpo artifact for this model"):
         make_lmm(lmm_class, f"pretrained={tiny_dir},controller=grpo,budget=100")
@@ -178,7 +180,7 @@ def test_batch_size_string_is_accepted_and_logged(lmm_class, caplog):
 
 
 def test_generation_kwargs_and_styles():
-    from lmms_adaptive.lmms_plugin import generation_config, task_style
+    from lmms_adaptive.serving.request import generation_config, task_style
 
     gen = generation_config({"until": "ASSISTANT:", "temperature": 0}, 7)
     assert (gen.stop, gen.max_new_tokens, gen.do_sample) == (("ASSISTANT:",), 7, False)
@@ -194,12 +196,10 @@ def test_generation_kwargs_and_styles():
 
 
 def _record(i: int) -> RequestRecord:
-    return RequestRecord(
-        task="t", doc_id=i, split="test", request_type="generate_until", controller={"kind": "static"}, budget_ms=100.0,
-        plan=Plan(3, 8, 8).to_dict(), n_prompt_tokens=10, n_image_tokens=5, n_crops=2, n_output_tokens=3,
-        controller_ms=0.01, preprocess_ms=1.0, vision_ms=2.0, prefill_ms=3.0, decode_ms=[1.0, 1.0], total_ms=90.0 + 20 * (i % 2),
-        violated=(90.0 + 20 * (i % 2)) > 100.0, stop_reason="length", model_fingerprint="f", device="cpu",
-    )  # fmt: skip
+    total = 90.0 + 20 * (i % 2)
+    return make_record(
+        task="t", doc_id=i, budget_ms=100.0, plan=Plan(3, 8, 8), total_ms=total, violated=total > 100.0, score=None
+    )
 
 
 def test_killed_writer_leaves_whole_readable_lines(tmp_path):
@@ -208,8 +208,8 @@ def test_killed_writer_leaves_whole_readable_lines(tmp_path):
     script = (
         "import json, sys, time, dataclasses\n"
         "from pathlib import Path\n"
-        "from lmms_adaptive.records import RecordWriter, RequestRecord\n"
-        f"base = RequestRecord(**json.loads({_record(0).to_json()!r}))\n"
+        "from lmms_adaptive.serving.records import RecordWriter, RequestRecord\n"
+        f"base = RequestRecord.from_dict(json.loads({_record(0).to_json()!r}))\n"
         f"w = RecordWriter(Path({str(path)!r}))\n"
         "i = 0\n"
         "while True:\n"
@@ -228,8 +228,7 @@ def test_killed_writer_leaves_whole_readable_lines(tmp_path):
 
 
 def test_summary_statistics():
-    writer_records = [json.loads(_record(i).to_json()) for i in range(10)]
-    stats = summarize(writer_records)
+    stats = summarize([_record(i) for i in range(10)])
     assert stats["n_requests"] == 10
     assert stats["latency_mean_ms"] == pytest.approx(100.0)
     assert stats["violation_rate"] == pytest.approx(0.5)
@@ -243,7 +242,7 @@ def test_record_writer_appends(tmp_path):
     writer = RecordWriter(tmp_path / "r.jsonl")
     writer.write(_record(1))
     writer.close()
-    assert [r["doc_id"] for r in read_records(tmp_path / "r.jsonl")] == [0, 1]
+    assert [r.doc_id for r in read_records(tmp_path / "r.jsonl")] == [0, 1]
 
 
 def test_builtin_controller_names_find_this_models_artifact(tmp_path):
@@ -258,7 +257,7 @@ def test_builtin_controller_names_find_this_models_artifact(tmp_path):
 
 
 def test_results_floors(tmp_path, capsys):
-    from lmms_adaptive.results import main as results_main
+    from lmms_adaptive.tools.results import main as results_main
 
     (tmp_path / "x_results.json").write_text(
         json.dumps({"results": {"t": {"exact_match,none": 0.4, "exact_match_stderr,none": 0.1}}})
@@ -270,3 +269,19 @@ def test_results_floors(tmp_path, capsys):
     assert "t has no metric 'accuracy'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         results_main([str(tmp_path), "--tasks", "t", "--floor", "t=0.1"])
+
+
+def test_loglikelihood_is_served_and_recorded(lmm_class, tmp_path):
+    """A loglikelihood request takes the one request path too: scored under the controller's plan, recorded."""
+    from lmms_eval.api.instance import Instance
+    from PIL import Image
+
+    lmm = make_lmm(lmm_class, f"controller=static,tier=low,top_k=5,log_dir={tmp_path}")
+    lmm.task_dict = {"t": {"test": {0: {"image": Image.new("RGB", (64, 48), "red")}}}}
+    args = ("What colour is it?", " red", lambda doc: [doc["image"]], 0, "t", "test")
+    request = Instance("loglikelihood", args, idx=0, metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    ((logprob, greedy),) = lmm.loglikelihood([request])
+    assert logprob < 0 and isinstance(greedy, bool)
+    (record,) = read_records(next(tmp_path.glob("*.jsonl")))
+    assert (record.request_type, record.stop_reason, record.n_output_tokens) == ("loglikelihood", "score", 0)
+    assert record.plan == Plan(3, 5, 8) and record.total_ms >= record.vision_ms + record.prefill_ms

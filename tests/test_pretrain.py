@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_adaptive import pretrain, synthetic
-from lmms_adaptive.checkpoint import load_model
-from lmms_adaptive.config import MolmoeConfig
-from lmms_adaptive.plan import KnobSpace
-from lmms_adaptive.processor import MolmoeProcessor
+from lmms_adaptive.core.checkpoint import load_model
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.plan import KnobSpace
+from lmms_adaptive.core.processor import MolmoeProcessor
+from lmms_adaptive.default import pretrain, synthetic
 
 QUICK = pretrain.PretrainConfig(
     steps=6,
@@ -47,7 +47,8 @@ def test_step_plans_are_valid_points_of_the_plan_space(knobs: KnobSpace) -> None
         assert plan.max_crops in knobs.tiers
         assert blocks[0] == 0 and list(blocks) == sorted(set(blocks))  # block 0 always runs, in order
         assert len(blocks) in knobs.block_options(1)
-        assert len({k for _, k in plan.schedule.layers}) == 1
+        assert plan.schedule.layers[0] == (0, knobs.model_top_k)  # as at inference: insertion after block 0
+        assert len({k for _, k in plan.schedule.layers[1:]}) == 1
         seen_tiers.add(plan.max_crops)
         seen_k.add(plan.schedule.layers[-1][1])
         seen_blocks.add(len(blocks))

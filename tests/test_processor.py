@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmms_adaptive.processor import (
+from lmms_adaptive.core.processor import (
     DEFAULT_VISION,
     DROPPED,
     MolmoeProcessor,

@@ -8,10 +8,12 @@ import re
 import types
 from pathlib import Path
 
+import fake_records
 import pytest
 
-from lmms_adaptive.records import ProfileRow, RecordWriter, RequestRecord
-from lmms_adaptive.report import (
+from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.serving.records import RecordWriter, RequestRecord
+from lmms_adaptive.tools.report import (
     compare,
     default_budgets,
     discover_runs,
@@ -45,12 +47,13 @@ LOOKUP_PLANS = [LOW, MID, FULL, FULL]
 SCORES = {"synth_pope_test": 0.75, "synth_vqa_test": 0.5}
 
 
-def make_record(task: str, doc_id: int, controller: dict, budget: float | None, plan: dict, total_ms: float) -> RequestRecord:
-    return RequestRecord(
-        task=task, doc_id=doc_id, split="test", request_type="generate_until", controller=controller, budget_ms=budget,
-        plan=plan, n_prompt_tokens=100, n_image_tokens=80, n_crops=plan["max_crops"], n_output_tokens=2,
-        controller_ms=0.1, preprocess_ms=1.0, vision_ms=2.0, prefill_ms=3.0, decode_ms=[1.0], total_ms=total_ms,
-        violated=None if budget is None else total_ms > budget, stop_reason="eos", model_fingerprint="fp", device="cpu",
+def make_record(
+    task: str, doc_id: int, controller: dict, budget: float | None, plan: dict, total_ms: float
+) -> RequestRecord:
+    return fake_records.make_record(
+        task=task, doc_id=doc_id, controller=controller, budget_ms=budget, plan=Plan(**plan), n_crops=plan["max_crops"],
+        n_output_tokens=2, controller_ms=0.1, decode_ms=[1.0], total_ms=total_ms,
+        violated=None if budget is None else total_ms > budget, score=None,
     )  # fmt: skip
 
 
@@ -106,7 +109,13 @@ def hand_p95(values: list[float]) -> float:
 def test_primary_metric_rules():
     pope = {"alias": "pope", "pope_accuracy,none": 0.8, "pope_accuracy_stderr,none": "N/A", "pope_f1_score,none": 0.7}
     assert primary_metric(pope) == ("pope_accuracy", 0.8)
-    textvqa = {"alias": "t", "submission,none": None, "submission_stderr,none": "N/A", "exact_match_stderr,none": 0.1, "exact_match,none": 0.4}
+    textvqa = {
+        "alias": "t",
+        "submission,none": None,
+        "submission_stderr,none": "N/A",
+        "exact_match_stderr,none": 0.1,
+        "exact_match,none": 0.4,
+    }
     assert primary_metric(textvqa) == ("exact_match", 0.4)
     assert primary_metric({"submission,none": 3, "acc,strict": 0.5}) == ("acc,strict", 0.5)
     mme = {"alias": "mme", "mme_perception_score,none": 900.0, "mme_cognition_score,none": 250.0}
@@ -195,19 +204,18 @@ def test_write_report_files(runs_parent: Path, tmp_path: Path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
     lookup_50 = rows[0]
-    assert (lookup_50["controller"], float(lookup_50["budget_ms"]), lookup_50["metric"]) == ("lookup", 50.0, "pope_accuracy")
+    assert (lookup_50["controller"], float(lookup_50["budget_ms"]), lookup_50["metric"]) == (
+        "lookup",
+        50.0,
+        "pope_accuracy",
+    )
     assert float(lookup_50["latency_mean_ms"]) == pytest.approx(24.5)
     assert float(lookup_50["violation_rate_pct"]) == pytest.approx(25.0)
     assert float(lookup_50["mean_max_crops"]) == pytest.approx((3 + 6 + 12 + 12) / 4)
 
 
-def profile_row(task: str, doc_id: int, plan: dict, score: float, total_ms: float) -> ProfileRow:
-    return ProfileRow(
-        task=task, doc_id=doc_id, split="test", max_crops=plan["max_crops"], top_k=plan["top_k"], n_blocks=plan["n_blocks"],
-        insert_pos=plan["insert_pos"], renormalize=plan["renormalize"], n_crops=1, n_image_tokens=10, n_text_tokens=5,
-        n_prompt_tokens=15, n_output_tokens=1, max_new_tokens=8, preprocess_ms=1.0, vision_ms=1.0, prefill_ms=1.0,
-        decode_ms=[], total_ms=total_ms, score=score, answer="yes", stop_reason="eos", device="cpu", model_fingerprint="fp",
-    )  # fmt: skip
+def profile_row(task: str, doc_id: int, plan: dict, score: float, total_ms: float) -> RequestRecord:
+    return fake_records.make_record(task=task, doc_id=doc_id, plan=Plan(**plan), score=score, total_ms=total_ms)
 
 
 PROFILE = [
@@ -231,10 +239,14 @@ def test_plan_points_and_default_budgets():
 def test_report_cli_with_profile_and_oracle(runs_parent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Profile plan points on the plot and oracle rows at the runs' budgets (50 and 200 ms)."""
     profile = [*PROFILE, profile_row("other_task", 0, FULL, 1.0, 5.0)]  # profiled, never evaluated: no table
-    monkeypatch.setattr("lmms_adaptive.report._read_profile", lambda folder: profile if folder else [])
+    monkeypatch.setattr("lmms_adaptive.tools.report._read_profile", lambda folder: profile if folder else [])
     out = tmp_path / "out"
     assert main([str(runs_parent), "--out", str(out), "--profile", str(tmp_path / "profile")]) == 0
-    assert sorted(p.name for p in out.glob("*.md")) == ["report.md", "report_synth_pope_test.md", "report_synth_vqa_test.md"]
+    assert sorted(p.name for p in out.glob("*.md")) == [
+        "report.md",
+        "report_synth_pope_test.md",
+        "report_synth_vqa_test.md",
+    ]
     with (out / "report_synth_vqa_test.csv").open() as f:
         oracle = [r for r in csv.DictReader(f) if r["source"] == "oracle"]
     # 50 ms: doc 0 keeps the full plan (score 1, 50 ms); doc 1's full plan (60 ms) is over budget, its
@@ -275,12 +287,12 @@ def test_compare_commands_resume_and_failure(tmp_path: Path, monkeypatch: pytest
             make_run(Path(cwd), "static", 200.0)
         return types.SimpleNamespace(returncode=0)
 
-    monkeypatch.setattr("lmms_adaptive.report.subprocess.run", fake_run)
+    monkeypatch.setattr("lmms_adaptive.tools.report.subprocess.run", fake_run)
     out = tmp_path / "cmp"
     argv = ["compare", "--controllers", "static", "--budgets", "200", "--tasks", "synth_pope_test,synth_vqa_test",
             "--include-path", "tasks", "--limit", "3", "--pretrained", str(tmp_path), "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
-    (cmd, cwd, env), = calls
+    ((cmd, cwd, env),) = calls
     assert cmd[1:5] == ["-m", "lmms_eval", "--model", "adaptive_molmoe"]
     assert cmd[cmd.index("--model_args") + 1] == f"controller=static,budget=200,pretrained={tmp_path.resolve()}"
     assert cmd[cmd.index("--include_path") + 1] == str(Path("tasks").resolve())
@@ -311,7 +323,10 @@ def test_compare_static_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with (out / "report_synth_pope_test.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [float(r["budget_ms"]) for r in rows] == [1.0, 100000.0]
-    assert all(r["controller"].startswith("static[") and r["metric"] == "pope_accuracy" and r["n_requests"] == "2" for r in rows)
+    assert all(
+        r["controller"].startswith("static[") and r["metric"] == "pope_accuracy" and r["n_requests"] == "2"
+        for r in rows
+    )
     assert [float(r["violation_rate_pct"]) for r in rows] == [100.0, 0.0]
     assert (out / "report.md").is_file() and (out / "report_synth_pope_test.png").is_file()
     stamps = sorted(p.stat().st_mtime for p in (out / "runs").rglob("*_results.json"))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lmms_adaptive import synthetic as syn
+from lmms_adaptive.default import synthetic as syn
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tasks"
@@ -121,7 +121,7 @@ def test_count_matches_connected_components(samples):
 
 def test_view_labels_mark_each_object_where_the_global_view_shows_it(samples):
     """Labels come from the scene; check them against the rendered pixels through the processor's geometry."""
-    from lmms_adaptive.processor import fit_box
+    from lmms_adaptive.core.processor import fit_box
 
     size, cell = (336, 336), 56
     for s in of_type(samples, "count") + of_type(samples, "shape"):
@@ -262,7 +262,7 @@ def test_erase_glyph_blanks_that_glyph_only(samples):
 
 
 def test_sign_sheet_is_a_crop_at_the_tier_scale_and_its_labels_name_each_glyph():
-    from lmms_adaptive.processor import DEFAULT_VISION
+    from lmms_adaptive.core.processor import DEFAULT_VISION
 
     crop, cell = DEFAULT_VISION.crop_size, syn.TOKEN_PX
     for tier in (3, 6, 12):
@@ -279,7 +279,7 @@ def test_sign_sheet_is_a_crop_at_the_tier_scale_and_its_labels_name_each_glyph()
             for text in scene.texts:
                 assert len(text.text) in syn.READ_DIGITS and text.text[0] != "0"
                 x0, y0, x1, y1 = text.box
-                if 0 <= x0 and 0 <= y0 and x1 <= side and y1 <= side:
+                if x0 >= 0 and y0 >= 0 and x1 <= side and y1 <= side:
                     assert decode_text(text, ink) == text.text
                 for place, char in enumerate(text.text, start=1):  # the token under a glyph's centre names it
                     left = text.x + (place - 1) * (syn.GLYPH_W + 1) * text.module

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lmms_adaptive.integration.tasks import TaskSample, load_samples
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tasks"
 
@@ -98,7 +100,7 @@ def test_local_yamls_mirror_builtin_configs(tasks):
     from lmms_eval.tasks.textvqa import utils as textvqa_utils
 
     builtin_root = Path(lmms_eval.__file__).parent / "tasks"
-    for name, task in tasks.items():
+    for name in tasks:
         builtin = utils.load_yaml_config(str(builtin_root / EXPECTED[name][2]), mode="simple")
         ours = utils.load_yaml_config(str(TASKS_DIR / f"{name}.yaml"), mode="simple")
         for key in ("output_type", "doc_to_target", "generation_kwargs", "lmms_eval_specific_kwargs", "test_split"):
@@ -210,4 +212,34 @@ def test_make_fixtures_regenerates_same_content(tmp_path, lmms_env):
         committed = TASKS_DIR / f"{name}.parquet"
         fresh = tmp_path / f"{name}.parquet"
         assert committed.stat().st_size < 200_000
-        assert pq.read_table(fresh).equals(pq.read_table(committed)), f"{committed.name} is stale: run python tasks/make_fixtures.py"
+        assert pq.read_table(fresh).equals(pq.read_table(committed)), (
+            f"{committed.name} is stale: run python tasks/make_fixtures.py"
+        )
+
+
+@pytest.fixture(scope="module")
+def synth_samples(lmms_env) -> list[TaskSample]:
+    return load_samples(["synth_pope_test", "synth_vqa_test"], [str(TASKS_DIR)], limit=2, seed=0)
+
+
+def test_samples_are_the_tasks_own_requests(synth_samples: list[TaskSample]) -> None:
+    assert [s.task for s in synth_samples] == ["synth_pope_test"] * 2 + ["synth_vqa_test"] * 2
+    pope = synth_samples[0]
+    assert pope.context.endswith("Answer the question using a single word or phrase.")
+    assert len(pope.images) == 1
+    truth = pope.doc["answer"].strip().lower()
+    assert pope.score(truth) == 1.0 and pope.score("no" if truth == "yes" else "yes") == 0.0
+    vqa = synth_samples[2]
+    assert vqa.score(vqa.doc["answers"][0]) == 1.0 and vqa.score("zzz") == 0.0
+
+
+def test_limit_draws_a_seeded_subset(lmms_env) -> None:
+    first = load_samples(["synth_pope_test"], [str(TASKS_DIR)], limit=3, seed=1)
+    again = load_samples(["synth_pope_test"], [str(TASKS_DIR)], limit=3, seed=1)
+    other = load_samples(["synth_pope_test"], [str(TASKS_DIR)], limit=3, seed=2)
+    assert [s.doc_id for s in first] == [s.doc_id for s in again] != [s.doc_id for s in other]
+
+
+def test_unknown_task_is_named(lmms_env) -> None:
+    with pytest.raises(ValueError, match="no_such_task"):
+        load_samples(["no_such_task"], [str(TASKS_DIR)], limit=1, seed=0)

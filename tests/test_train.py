@@ -1,4 +1,4 @@
-"""`python -m lmms_adaptive.train`: settings, the MolmoE environment, a short run on the tiny default,
+"""`python -m lmms_adaptive.tools.train`: settings, the MolmoE environment, a short run on the tiny default,
 interruption and resume, and the trained artifact through the plugin and `report compare`."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmms_adaptive.controllers import ArtifactError, read_artifact
-from lmms_adaptive.grpo import GRPORun
-from lmms_adaptive.lmms_plugin import task_style
-from lmms_adaptive.plan import Plan
-from lmms_adaptive.profile import load_samples
-from lmms_adaptive.runtime import AdaptiveMolmoe
-from lmms_adaptive.train import MolmoeEnvironment, TrainConfig, load_settings, main, parser, train
+from lmms_adaptive.controllers.base import ArtifactError, read_artifact
+from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.core.runtime import AdaptiveMolmoe
+from lmms_adaptive.integration.tasks import load_samples
+from lmms_adaptive.serving.request import task_style
+from lmms_adaptive.tools.grpo import GRPORun
+from lmms_adaptive.tools.train import MolmoeEnvironment, TrainConfig, load_settings, main, parser, train
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = str(REPO / "tasks")
@@ -135,8 +135,8 @@ def test_trained_artifact_through_the_plugin_and_report_compare(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A short run's artifact under lmms-eval (controller=<artifact>), compared with static and lookup."""
-    from lmms_adaptive.records import read_records
-    from lmms_adaptive.report import main as report_main
+    from lmms_adaptive.serving.records import read_records
+    from lmms_adaptive.tools.report import main as report_main
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.chdir(tmp_path)
@@ -151,9 +151,7 @@ def test_trained_artifact_through_the_plugin_and_report_compare(
     assert all(r["n_requests"] == "2" and r["metric"] == "pope_accuracy" for r in rows.values())
     (records_file,) = (out / "runs" / "grpo@150" / "adaptive_molmoe").glob("*.jsonl")
     records = read_records(records_file)
-    assert len(records) == 2 and all(r["controller"]["kind"] == "grpo" and r["budget_ms"] == 150.0 for r in records)
-    assert all(
-        r["controller_ms"] > 0 and r["violated"] == (r["total_ms"] > 150.0) for r in records
-    )
-    mean_blocks = sum(r["plan"]["n_blocks"] for r in records) / 2
+    assert len(records) == 2 and all(r.controller["kind"] == "grpo" and r.budget_ms == 150.0 for r in records)
+    assert all(r.controller_ms > 0 and r.violated == (r.total_ms > 150.0) for r in records)
+    mean_blocks = sum(r.plan.n_blocks for r in records) / 2
     assert float(rows["grpo"]["mean_blocks"]) == pytest.approx(mean_blocks)

@@ -138,7 +138,9 @@ class MolmoeConfig:
             reader.expect(key, value)
         n_kv = raw.get("n_kv_heads")
         if n_kv not in (None, raw.get("n_heads")):
-            raise ConfigError(f"{source}: key 'n_kv_heads' = {n_kv!r}: only full multi-head attention (null or n_heads) is supported")
+            raise ConfigError(
+                f"{source}: key 'n_kv_heads' = {n_kv!r}: only full multi-head attention (null or n_heads) is supported"
+            )
         vision_raw = reader.get("vision_backbone", dict)
         vreader = _Reader(vision_raw, f"{source} [vision_backbone]")
         for key, value in _VISION_SUPPORTED.items():
@@ -174,11 +176,15 @@ class MolmoeConfig:
             vision=vision,
         )
         if raw.get("head_dim") not in (None, config.head_dim):
-            raise ConfigError(f"{source}: key 'head_dim' = {raw['head_dim']!r} disagrees with d_model / n_heads = {config.head_dim}")
+            raise ConfigError(
+                f"{source}: key 'head_dim' = {raw['head_dim']!r} disagrees with d_model / n_heads = {config.head_dim}"
+            )
         if config.d_model % config.n_heads:
             raise ConfigError(f"{source}: d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
         if not 1 <= config.moe_top_k <= config.moe_num_experts:
-            raise ConfigError(f"{source}: moe_top_k {config.moe_top_k} must be in 1..moe_num_experts ({config.moe_num_experts})")
+            raise ConfigError(
+                f"{source}: moe_top_k {config.moe_top_k} must be in 1..moe_num_experts ({config.moe_num_experts})"
+            )
         if not config.vit_layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in config.vit_layers):
             raise ConfigError(f"{source}: key 'vit_layers' must be a non-empty list of ints, got {raw['vit_layers']!r}")
         for layer in config.vit_layers:

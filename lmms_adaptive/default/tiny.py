@@ -1,10 +1,10 @@
 """Build a tiny MolmoE checkpoint folder in the real format: config schema, parameter names, tokenizer files.
 
-    python -m lmms_adaptive.tiny OUT_DIR [--seed 0]
+    python -m lmms_adaptive.default.tiny OUT_DIR [--seed 0]
 
 Deterministic for a seed (same bytes every time), built in seconds on a CPU. Its weights are random:
-it is the starting point of `python -m lmms_adaptive.pretrain` (which trains the shipped default,
-`default_checkpoint()`) and the quick fixture of tests that only need the format.
+it is the starting point of `python -m lmms_adaptive.default.pretrain` (which trains the shipped default,
+`lmms_adaptive.core.checkpoint.default_checkpoint()`) and the quick fixture of tests that only need the format.
 
 Tiny dimensions. The decoder keeps MolmoE's knob space in miniature (8 blocks, 16 experts, top-k 8,
 tiers 3/6/12). The ViT uses 28 px patches instead of 14 px so a 336 px crop is 12x12 patches (6x6
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from . import synthetic
-from .checkpoint import build_model, save_weights
-from .config import MolmoeConfig
+from lmms_adaptive.core.checkpoint import build_model, save_weights
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.default import synthetic
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,12 @@ TINY_DIMS = {
                         "image_patch_size": 28, "image_pos_patch_size": 28, "image_num_pos": 145},
 }  # fmt: skip
 # The preprocessor for 28 px patches: same pixels per crop / window / margin as the real 336 / 224 / 56.
-TINY_PREPROCESSOR = {"image_patch_size": 28, "image_token_length_h": 6, "image_token_length_w": 6, "overlap_margins": [2, 2]}
+TINY_PREPROCESSOR = {
+    "image_patch_size": 28,
+    "image_token_length_h": 6,
+    "image_token_length_w": 6,
+    "overlap_margins": [2, 2],
+}
 
 # What the tokenizer is trained on: prompts and post-prompts of the supported tasks, the synthetic suite's
 # whole vocabulary (so every answer word is one token) and some general text.
@@ -88,7 +93,7 @@ def tiny_preprocessor_config() -> dict:
 
 
 def _resource(name: str) -> dict:
-    return json.loads((Path(__file__).parent / "resources" / name).read_text())
+    return json.loads((Path(__file__).resolve().parents[1] / "resources" / name).read_text())
 
 
 def _init_weights(model: torch.nn.Module, seed: int) -> None:
@@ -120,7 +125,13 @@ def write_folder(out: str | Path, config: dict, tokenizer: Tokenizer, preprocess
     tokenizer.save(str(out / "tokenizer.json"))
     ids = {"eos_token_id": tokenizer.token_to_id(EOS), "pad_token_id": tokenizer.token_to_id(PAD)}
     (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
-    special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD, "additional_special_tokens": list(IMAGE_TOKENS)}
+    special = {
+        "bos_token": EOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": PAD,
+        "additional_special_tokens": list(IMAGE_TOKENS),
+    }
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 4096}, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
@@ -139,21 +150,8 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
     return out
 
 
-SHIPPED_CHECKPOINT = Path(__file__).parent / "resources" / "tiny-molmoe-synth"
-
-
-def default_checkpoint() -> Path:
-    """The built-in default model: the tiny MolmoE trained on the synthetic suite, shipped in the package."""
-    if not (SHIPPED_CHECKPOINT / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"the shipped default checkpoint is missing from {SHIPPED_CHECKPOINT}; reinstall the package, "
-            "or train one with `python -m lmms_adaptive.pretrain` and pass it as pretrained=<folder>"
-        )
-    return SHIPPED_CHECKPOINT
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.default.tiny", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     args = parser.parse_args(argv)

@@ -12,14 +12,14 @@ A block that is not in the schedule runs neither at prefill nor at decode and ge
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MolmoeConfig, VisionConfig
+from lmms_adaptive.core.config import MolmoeConfig, VisionConfig
 
 
 @dataclass(frozen=True)
@@ -320,16 +320,6 @@ class Experts(nn.Module):
         y = grouped_matmul(F.silu(gate) * up, self.down, counts) * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, y)
 
-    def reference(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """The original implementation's loop over every expert; the oracle for tests, never the fast path."""
-        out = torch.zeros_like(x)
-        for e in range(self.gate_up.shape[0]):
-            token, slot = torch.where(experts == e)
-            gate, up = (x[token] @ self.gate_up[e].T).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.down[e].T
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return out
-
 
 def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     """Rows of x sorted by group, w [G, out, in], counts [G] -> x_g @ w_g.T for each group g."""
@@ -347,7 +337,6 @@ class MoE(nn.Module):
         self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.gate = nn.Linear(config.d_model, config.moe_num_experts, bias=False)
         self.experts = Experts(config.moe_num_experts, config.d_model, config.expert_hidden)
-        self.use_reference = False
 
     def forward(self, x: Tensor, top_k: int, renormalize: bool) -> Tensor:
         shape = x.shape
@@ -357,8 +346,7 @@ class MoE(nn.Module):
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(h.dtype)
-        run = self.experts.reference if self.use_reference else self.experts
-        return run(h, weights, experts).view(shape)
+        return self.experts(h, weights, experts).view(shape)
 
 
 class Block(nn.Module):
@@ -425,11 +413,6 @@ class MolmoeForCausalLM(nn.Module):
         slots.update((name, p) for name, p in self.named_parameters() if name not in stacked)
         return slots
 
-    def set_reference_moe(self, enabled: bool) -> None:
-        """Route every MoE through the per-expert loop of the original code (tests only)."""
-        for block in self.model.transformer.blocks:
-            block.mlp.use_reference = enabled
-
     # -- stages -----------------------------------------------------------------------------------
 
     def encode_images(self, images: Tensor, image_masks: Tensor) -> Tensor:
@@ -464,13 +447,11 @@ class MolmoeForCausalLM(nn.Module):
         schedule: LayerSchedule,
         cache: KVCache | None = None,
         attention_mask: Tensor | None = None,
-        on_block: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """Run the scheduled blocks over x [B, T, D] at `positions` [B, T]; returns the final-normed hidden.
         With a cache the chunk goes after the cached positions, and the cache then holds it too.
 
         `attention_mask` [B, T] (True = real token) is only needed for padded batches without a cache.
-        `on_block(index, block_input, block_output)` observes each block (importance analysis).
         """
         mask = None
         if attention_mask is not None:
@@ -478,9 +459,7 @@ class MolmoeForCausalLM(nn.Module):
             causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
             mask = (causal[None] & attention_mask[:, None, :])[:, None]
         start = cache.length if cache is not None else 0
-        x = self.run_blocks(
-            x, self.rope(positions), schedule.layers, schedule.renormalize, cache, start, mask, on_block
-        )
+        x = self.run_blocks(x, self.rope(positions), schedule.layers, schedule.renormalize, cache, start, mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.final_norm(x)
@@ -494,17 +473,13 @@ class MolmoeForCausalLM(nn.Module):
         cache: KVCache | None = None,
         start: int | Tensor = 0,
         mask: Tensor | None = None,
-        on_block: Callable[[int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
         """(block index, top-k) `layers` in order over x, without the final norm; cache writes at `start`.
         `cache.length` is the caller's to advance: a prefill split at block p runs this twice over the same
         positions (see `runtime.AdaptiveMolmoe.run`)."""
         blocks = self.model.transformer.blocks
         for index, top_k in layers:
-            x_in = x
             x = blocks[index](x, rope, mask, cache, start, index, top_k, renormalize)
-            if on_block is not None:
-                on_block(index, x_in, x)
         return x
 
     def decode_token(self, x: Tensor, position: Tensor, schedule: LayerSchedule, cache: KVCache) -> Tensor:

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lmms_adaptive.processor import DEFAULT_VISION, fit_box, select_tiling
+from lmms_adaptive.core.processor import DEFAULT_VISION, fit_box, select_tiling
 
 if TYPE_CHECKING:
     import datasets
@@ -287,7 +287,7 @@ class ViewLabels:
 
 def view_labels(scene: Scene, size: tuple[int, int], cell: int, min_cover: float = 0.05) -> ViewLabels:
     """Per-cell labels of the scene as the processor shows it fitted into ``size`` (the global view, or a
-    crop of a :func:`sign_sheet`; :func:`~lmms_adaptive.processor.fit_box`) and cut into ``cell`` px cells
+    crop of a :func:`sign_sheet`; :func:`~lmms_adaptive.core.processor.fit_box`) and cut into ``cell`` px cells
     (one cell = one pooled image token). A cell takes the most frequent object (shape, or a glyph's ink
     box) among its pixels once objects cover ``min_cover`` of it. Pure, and right by construction."""
     maps = [Image.new("L", scene.size, 0) for _ in range(4)]

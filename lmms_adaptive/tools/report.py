@@ -1,7 +1,7 @@
 """Reports over evaluation runs: per-task tables (score, latency, violations, knobs) and score/latency plots.
 
-    python -m lmms_adaptive.report RUN_DIR [RUN_DIR ...] --out OUT [--profile PROFILE_DIR]
-    python -m lmms_adaptive.report compare --controllers static,lookup=controllers/lookup.json \\
+    python -m lmms_adaptive.tools.report RUN_DIR [RUN_DIR ...] --out OUT [--profile PROFILE_DIR]
+    python -m lmms_adaptive.tools.report compare --controllers static,lookup=controllers/lookup.json \\
         --budgets 50,100,200 --tasks synth_vqa_test,synth_pope_test --include-path tasks --out OUT
 
 An evaluation run is one lmms-eval `--output_path` folder for one (controller, budget): lmms-eval's
@@ -38,9 +38,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .controllers import BUILTIN_CONTROLLERS
-from .records import ProfileRow, plan_key, read_records, summarize
-from .results import latest_results
+from lmms_adaptive.controllers import LOADERS
+from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.serving.records import RequestRecord, read_records, summarize
+from lmms_adaptive.tools.lookup import oracle_summary
+from lmms_adaptive.tools.profile import read_profile
+from lmms_adaptive.tools.results import latest_results
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class TaskRun:
     task: str
     metric: str | None  # None when lmms-eval reported no numeric metric for the task
     score: float | None
-    records: list[dict[str, Any]]
+    records: list[RequestRecord]
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def primary_metric(task_results: dict[str, Any]) -> tuple[str, float] | None:
 def controller_label(description: dict[str, Any]) -> str:
     """A short name for `Controller.describe()`: the kind, with the plan for a static controller."""
     if description.get("kind") == "static" and "plan" in description:
-        return f"static[{plan_key(description['plan'])}]"
+        return f"static[{Plan(**description['plan']).key}]"
     return str(description.get("kind", "unknown"))
 
 
@@ -129,14 +132,18 @@ def load_run(folder: str | Path) -> RunResult:
     record_files = sorted((folder / RECORDS_DIR).glob("*.jsonl"))
     records = [r for path in record_files for r in read_records(path)]
     if not records:
-        raise ValueError(f"{folder}: no request records in {folder / RECORDS_DIR} (was lmms-eval run with --output_path?)")
-    controller = _single(folder, "controller", [json.dumps(r["controller"], sort_keys=True) for r in records])
-    budget = _single(folder, "budget_ms", [r["budget_ms"] for r in records])
+        raise ValueError(
+            f"{folder}: no request records in {folder / RECORDS_DIR} (was lmms-eval run with --output_path?)"
+        )
+    controller = _single(folder, "controller", [json.dumps(r.controller, sort_keys=True) for r in records])
+    budget = _single(folder, "budget_ms", [r.budget_ms for r in records])
     manifest = folder / RUN_MANIFEST
-    label = json.loads(manifest.read_text())["label"] if manifest.is_file() else controller_label(json.loads(controller))
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    label = (
+        json.loads(manifest.read_text())["label"] if manifest.is_file() else controller_label(json.loads(controller))
+    )
+    by_task: dict[str, list[RequestRecord]] = defaultdict(list)
     for r in records:
-        by_task[r["task"]].append(r)
+        by_task[r.task].append(r)
     tasks = {}
     for task in sorted(set(results.get("results", {})) | set(by_task)):
         metric = primary_metric(results.get("results", {}).get(task, {}))
@@ -148,7 +155,9 @@ def load_run(folder: str | Path) -> RunResult:
 def _single(folder: Path, field: str, values: Sequence[Any]) -> Any:
     distinct = set(values)
     if len(distinct) != 1:
-        raise ValueError(f"{folder}: records disagree on {field} ({sorted(map(str, distinct))}): one run folder per evaluation")
+        raise ValueError(
+            f"{folder}: records disagree on {field} ({sorted(map(str, distinct))}): one run folder per evaluation"
+        )
     return values[0]
 
 
@@ -179,7 +188,7 @@ def run_row(run: RunResult, task: str) -> TableRow | None:
     if entry is None or not entry.records:
         return None
     stats = summarize(entry.records)
-    plans = [r["plan"] for r in entry.records]
+    plans = [r.plan for r in entry.records]
     return TableRow(
         controller=run.controller,
         budget_ms=run.budget_ms,
@@ -188,9 +197,9 @@ def run_row(run: RunResult, task: str) -> TableRow | None:
         latency_mean_ms=stats["latency_mean_ms"],
         latency_p95_ms=stats["latency_p95_ms"],
         violation_rate=stats["violation_rate"],
-        mean_max_crops=float(np.mean([p["max_crops"] for p in plans])),
-        mean_top_k=float(np.mean([p["top_k"] for p in plans])),
-        mean_blocks=float(np.mean([p["n_blocks"] for p in plans])),
+        mean_max_crops=float(np.mean([p.max_crops for p in plans])),
+        mean_top_k=float(np.mean([p.top_k for p in plans])),
+        mean_blocks=float(np.mean([p.n_blocks for p in plans])),
         n_requests=stats["n_requests"],
     )
 
@@ -261,23 +270,23 @@ class PlanPoint:
     n_samples: int
 
 
-def plan_points(rows: Sequence[ProfileRow], task: str) -> list[PlanPoint]:
+def plan_points(rows: Sequence[RequestRecord], task: str) -> list[PlanPoint]:
     """Every static plan measured for `task` in a profile, as (mean score, mean total_ms)."""
-    by_plan: dict[str, list[ProfileRow]] = defaultdict(list)
+    by_plan: dict[str, list[RequestRecord]] = defaultdict(list)
     for row in rows:
         if row.task == task:
-            by_plan[plan_key(row.plan.to_dict())].append(row)
+            by_plan[row.plan.key].append(row)
     return [
-        PlanPoint(key, float(np.mean([r.score for r in group])), float(np.mean([r.total_ms for r in group])), len(group))
+        PlanPoint(
+            key, float(np.mean([r.score for r in group])), float(np.mean([r.total_ms for r in group])), len(group)
+        )
         for key, group in sorted(by_plan.items())
     ]
 
 
-def oracle_rows(rows: Sequence[ProfileRow], budgets: Sequence[float]) -> list[tuple[str, TableRow]]:
+def oracle_rows(rows: Sequence[RequestRecord], budgets: Sequence[float]) -> list[tuple[str, TableRow]]:
     """(task, row) per task and budget: the profile's oracle, the best measured plan per sample that fits
-    the budget (`lookup.oracle_summary`, imported only when a profile is given)."""
-    from .lookup import oracle_summary
-
+    the budget (`lookup.oracle_summary`)."""
     return [
         (
             s.task,
@@ -300,7 +309,7 @@ def oracle_rows(rows: Sequence[ProfileRow], budgets: Sequence[float]) -> list[tu
     ]
 
 
-def default_budgets(rows: Sequence[ProfileRow], n: int = 5) -> list[float]:
+def default_budgets(rows: Sequence[RequestRecord], n: int = 5) -> list[float]:
     """`n` budgets evenly spread over the profile's per-request latencies, 5th to 95th percentile
     (the extremes are single slow or fast requests), rounded to whole milliseconds."""
     if not rows:
@@ -341,7 +350,13 @@ def plot_task(task: str, rows: Sequence[TableRow], points: Sequence[PlanPoint], 
         style = "--" if group[0].source == ORACLE else "-"
         ax.plot([r.latency_mean_ms for r in group], [r.score for r in group], style, marker="o", label=name, zorder=2)
         for r in group:
-            ax.annotate(_num(r.budget_ms, "g"), (r.latency_mean_ms, r.score), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                _num(r.budget_ms, "g"),
+                (r.latency_mean_ms, r.score),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     ax.set_xlabel("mean latency per request (ms)")
     ax.set_ylabel(table_metric(rows))
     ax.set_title(f"{task}: score vs latency (labels: budget ms)")
@@ -363,7 +378,7 @@ def plot_task(task: str, rows: Sequence[TableRow], points: Sequence[PlanPoint], 
 # ----------------------------------------------------------------------------------------------------
 
 
-def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[ProfileRow] = ()) -> Path:
+def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[RequestRecord] = ()) -> Path:
     """`report_<task>.md/.csv/.png` per task and the combined `report.md` in `out`; returns report.md.
 
     With profile rows: grey plan points on the plots and oracle rows at the runs' budgets."""
@@ -373,7 +388,10 @@ def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[P
     run_tasks = {task for run in runs for task in run.tasks}
     extra = [(t, row) for t, row in oracle_rows(profile, budgets) if t in run_tasks] if profile and budgets else []
     tables = task_tables(runs, extra)
-    sections = ["# Latency-budgeted evaluation report\n", f"Runs: {len(runs)}. Metric from lmms-eval results; the other columns from the request records.\n"]
+    sections = [
+        "# Latency-budgeted evaluation report\n",
+        f"Runs: {len(runs)}. Metric from lmms-eval results; the other columns from the request records.\n",
+    ]
     for task, rows in tables.items():
         table = markdown_table(rows)
         (out / f"report_{task}.md").write_text(f"# {task}\n\n{table}")
@@ -406,13 +424,13 @@ def parse_controllers(spec: str) -> list[ControllerSpec]:
     artifact from `controllers/`, as `controller=lookup` does), or NAME=ARTIFACT for a controller artifact file."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        if item in BUILTIN_CONTROLLERS:
+        if item in LOADERS:
             out.append(ControllerSpec(item, item, False))
             continue
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(
-                f"controller {item!r}: use one of {', '.join(BUILTIN_CONTROLLERS)} or NAME=ARTIFACT_FILE "
+                f"controller {item!r}: use one of {', '.join(LOADERS)} or NAME=ARTIFACT_FILE "
                 "(e.g. lookup=controllers/lookup.json)"
             )
         if not Path(path).is_file():
@@ -473,7 +491,9 @@ def run_job(job: EvalJob) -> None:
     env = {**os.environ, **OFFLINE_ENV}
     log.info("run %s: %s", job.folder.name, " ".join(job.command()))
     with job.log_path.open("w") as log_file:
-        proc = subprocess.run(job.command(), check=False, cwd=job.folder, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            job.command(), check=False, cwd=job.folder, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
     if proc.returncode != 0 or not is_complete(job.folder):
         raise RuntimeError(
             f"lmms-eval run {job.folder.name} failed (exit code {proc.returncode}, results and records "
@@ -490,14 +510,16 @@ def compare(
     limit: int | None = None,
     pretrained: str | Path | None = None,
     model_args: str | None = None,
-    profile: Sequence[ProfileRow] = (),
+    profile: Sequence[RequestRecord] = (),
 ) -> Path:
     """Evaluate every (controller, budget) not evaluated yet into `out/runs/`, then write the report."""
     out = Path(out)
     include = Path(include_path).resolve() if include_path is not None else None
     checkpoint = Path(pretrained).resolve() if pretrained is not None else None
     jobs = [
-        EvalJob(c, float(b), (out / "runs" / run_name(c, b)).resolve(), tuple(tasks), include, limit, checkpoint, model_args)
+        EvalJob(
+            c, float(b), (out / "runs" / run_name(c, b)).resolve(), tuple(tasks), include, limit, checkpoint, model_args
+        )
         for c in controllers
         for b in budgets
     ]
@@ -513,12 +535,8 @@ def compare(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _read_profile(folder: Path | None) -> list[ProfileRow]:
-    if folder is None:
-        return []
-    from .profile import read_profile
-
-    return read_profile(folder)
+def _read_profile(folder: Path | None) -> list[RequestRecord]:
+    return [] if folder is None else read_profile(folder)
 
 
 def _floats(text: str) -> list[float]:
@@ -529,17 +547,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["compare"]:
-        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.report compare",
+        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.report compare",
                                          description="Run lmms-eval per (controller, budget), then write the report.")  # fmt: skip
-        parser.add_argument("--controllers", required=True, help="comma-separated: static, lookup, grpo (the model's shipped artifacts) and/or NAME=ARTIFACT_FILE")
+        parser.add_argument(
+            "--controllers",
+            required=True,
+            help="comma-separated: static, lookup, grpo (the model's shipped artifacts) and/or NAME=ARTIFACT_FILE",
+        )
         parser.add_argument("--budgets", type=_floats, default=None,
                             help="comma-separated ms (default: 5 budgets spread over the --profile latencies)")  # fmt: skip
         parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")
         parser.add_argument("--include-path", type=Path, default=None, help="folder of task YAMLs (e.g. tasks)")
         parser.add_argument("--limit", type=int, default=None, help="documents per task (lmms-eval --limit)")
-        parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint folder (default: the built-in model)")
+        parser.add_argument(
+            "--pretrained", type=Path, default=None, help="checkpoint folder (default: the built-in model)"
+        )
         parser.add_argument("--model-args", default=None, help="extra model_args, e.g. device=cuda,max_new_tokens=16")
-        parser.add_argument("--profile", type=Path, default=None, help="profile folder: plan points, oracle rows, default budgets")
+        parser.add_argument(
+            "--profile", type=Path, default=None, help="profile folder: plan points, oracle rows, default budgets"
+        )
         parser.add_argument("--out", type=Path, required=True, help="output folder (runs/ and the report)")
         args = parser.parse_args(argv[1:])
         profile = _read_profile(args.profile)
@@ -552,20 +578,32 @@ def main(argv: list[str] | None = None) -> int:
         budgets = args.budgets if args.budgets is not None else default_budgets(profile)
         tasks = [t for t in args.tasks.split(",") if t]
         try:
-            path = compare(controllers, budgets, tasks, args.out, args.include_path, args.limit, args.pretrained, args.model_args, profile)
+            path = compare(
+                controllers,
+                budgets,
+                tasks,
+                args.out,
+                args.include_path,
+                args.limit,
+                args.pretrained,
+                args.model_args,
+                profile,
+            )
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 1
     else:
-        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.report", description=__doc__.split("\n\n")[0],
-                                         epilog="Subcommand: `compare` (see `python -m lmms_adaptive.report compare --help`).")  # fmt: skip
+        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.report", description=__doc__.split("\n\n")[0],
+                                         epilog="Subcommand: `compare` (see `python -m lmms_adaptive.tools.report compare --help`).")  # fmt: skip
         parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders above them")
         parser.add_argument("--out", type=Path, required=True, help="output folder of the report")
         parser.add_argument("--profile", type=Path, default=None, help="profile folder: plan points and oracle rows")
         args = parser.parse_args(argv)
         folders = discover_runs(args.runs)
         if not folders:
-            parser.error(f"no run folders (with {RECORDS_DIR}/ records or *_results.json) under {', '.join(map(str, args.runs))}")
+            parser.error(
+                f"no run folders (with {RECORDS_DIR}/ records or *_results.json) under {', '.join(map(str, args.runs))}"
+            )
         path = write_report([load_run(f) for f in folders], args.out, _read_profile(args.profile))
     print(path)
     return 0

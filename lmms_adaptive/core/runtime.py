@@ -11,7 +11,6 @@ decides top-k and active blocks, and the prefill continues over the prompt with 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import fingerprint, load_model
-from .controllers import RequestFacts
-from .model import KVCache, LayerSchedule, MolmoeForCausalLM
-from .plan import DeferredPlan, KnobSpace, Plan
-from .policy import question_summary
-from .processor import MolmoeProcessor, ProcessedRequest, crop_count, image_token_count, to_rgb_array
+from lmms_adaptive.core.checkpoint import default_checkpoint, fingerprint, load_model, read_drop_order
+from lmms_adaptive.core.model import KVCache, LayerSchedule, MolmoeForCausalLM
+from lmms_adaptive.core.plan import DeferredPlan, KnobSpace, Plan, RequestFacts
+from lmms_adaptive.core.processor import MolmoeProcessor, ProcessedRequest, crop_count, image_token_count, to_rgb_array
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +76,31 @@ class Timings:
 
 
 @dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    first_logits: Tensor  # [vocab] float32 on the CPU: the logits that chose the first token
+class Execution:
+    """What running one request measured, whatever was asked of it."""
+
     timings: Timings
     plan: Plan  # as executed (a DeferredPlan's completion)
     n_prompt_tokens: int
     n_image_tokens: int
     n_crops: int
+
+
+@dataclass
+class Generation(Execution):
+    text: str
+    token_ids: list[int]
+    first_logits: Tensor  # [vocab] float32 on the CPU: the logits that chose the first token
     stop_reason: str  # "eos" | "stop" | "length"
     step_logits: list[Tensor] | None = None  # per generated token, when GenerationConfig.keep_step_logits
+
+
+@dataclass
+class Scored(Execution):
+    """A continuation scored after the prompt (lmms-eval's `loglikelihood`)."""
+
+    logprob: float
+    greedy: bool  # greedy decoding would produce exactly the continuation
 
 
 class Clock:
@@ -155,10 +166,7 @@ class AdaptiveMolmoe:
         compile_decode: bool = False,
     ) -> AdaptiveMolmoe:
         """Load a checkpoint folder (default: the built-in tiny model, built on first use)."""
-        if folder is None:
-            from .tiny import default_checkpoint
-
-            folder = default_checkpoint()
+        folder = default_checkpoint() if folder is None else folder
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, device)
         model = load_model(folder, device, torch_dtype)
@@ -166,6 +174,13 @@ class AdaptiveMolmoe:
         model_id = fingerprint(folder)
         log.info("loaded %s on %s (%s)", folder, device, torch_dtype)
         return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder), compile_decode)
+
+    @property
+    def device_name(self) -> str:
+        """The device as records name it: the GPU's name, or the CPU with its thread count."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({torch.get_num_threads()} threads)"
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -231,12 +246,6 @@ class AdaptiveMolmoe:
         """What stage 2 sees for this request and stage-1 decision, without generating (GRPO training)."""
         x = self._embed_prompt(request)
         return self._run_head(x, insert_pos, renormalize, self.model.new_cache(x.shape[1] + 1), latency_token)[1]
-
-    def complete(self, request: ProcessedRequest, plan: Plan | DeferredPlan) -> Plan:
-        """The complete plan: a Plan as it is, a DeferredPlan decided on this request's latency-token probe."""
-        if isinstance(plan, Plan):
-            return plan
-        return plan.complete(self.latency_hidden(request, plan.insert_pos, plan.latency_token, plan.renormalize))
 
     @torch.inference_mode()
     def run(
@@ -320,25 +329,49 @@ class AdaptiveMolmoe:
 
     @torch.inference_mode()
     def score(
-        self, request: ProcessedRequest, continuation: Sequence[int], plan: Plan | DeferredPlan
-    ) -> tuple[float, bool]:
-        """Log-probability of `continuation` token ids after the request's prompt, and whether greedy decoding
-        would produce exactly them (lmms-eval's `loglikelihood`), under `plan` (a DeferredPlan: `complete`)."""
+        self,
+        question: str,
+        images: Sequence[Any] | Any | None,
+        continuation: Sequence[int],
+        plan: Plan | DeferredPlan,
+        style: str | None = None,
+    ) -> Scored:
+        """Log-probability of `continuation` token ids after the prompt, and whether greedy decoding would
+        produce exactly them, under `plan` (a DeferredPlan is completed on the prompt alone). One pass over
+        prompt + continuation, timed like `generate` (that pass is the prefill)."""
         if not continuation:
             raise ValueError("score: the continuation is empty")
-        model, dev = self.model, self.device
+        clock, model, dev = self.clock, self.model, self.device
+        timings = Timings()
+        start = clock.now()
+        request = self.processor(question, images, max_crops=plan.max_crops, style=style)
+        t0 = clock.now()
+        features, idx = self.vision(request)
+        t1 = clock.now()
         ids = torch.as_tensor(
             np.concatenate([request.input_ids, np.asarray(continuation, dtype=np.int64)]), device=dev
         )[None]
-        features, idx = self.vision(request)
+        x = model.embed(ids, features, idx)
+        if isinstance(plan, DeferredPlan):
+            n_prompt = len(request.input_ids)
+            cache = model.new_cache(n_prompt + 1)
+            _, hidden = self._run_head(x[:, :n_prompt], plan.insert_pos, plan.renormalize, cache, plan.latency_token)
+            t_head = clock.now()
+            plan = plan.complete(hidden)
+            timings.stage2_ms = clock.now() - t_head
         positions = torch.arange(ids.shape[1], device=dev)[None]
-        schedule = self.schedule(self.complete(request, plan))
-        hidden = model.decode_layers(model.embed(ids, features, idx), positions, schedule)
+        hidden = model.decode_layers(x, positions, self.schedule(plan))
         n = len(continuation)
         logprobs = torch.log_softmax(model.logits(hidden[0, -n - 1 : -1]).float(), dim=-1)
         target = ids[0, -n:]
         total = logprobs.gather(-1, target[:, None]).sum()
-        return float(total), bool((logprobs.argmax(-1) == target).all())
+        greedy = bool((logprobs.argmax(-1) == target).all())
+        end = clock.now()
+        timings.preprocess_ms, timings.vision_ms, timings.prefill_ms = t0 - start, t1 - t0, end - t1
+        timings.total_ms = end - start
+        return Scored(
+            timings, plan, len(request.input_ids), request.n_image_tokens, request.n_crops, float(total), greedy
+        )
 
     def request_facts(
         self,
@@ -362,9 +395,15 @@ class AdaptiveMolmoe:
             budget_ms, question, sizes, per_tier, crops, text_tokens, max_new_tokens, task, question_ids
         )
 
+    @torch.inference_mode()
     def question_summary(self, question_ids: Sequence[int]) -> Tensor:
-        """The question's mean token embedding in the model's own table (stage-1 input)."""
-        return question_summary(question_ids, self.model.model.transformer.wte.embedding).cpu()
+        """The question's mean token embedding in the model's own (frozen) table, float32 [d_model] on the CPU
+        (zeros for an empty question): what a learned controller's stage 1 reads of the question."""
+        table = self.model.model.transformer.wte.embedding
+        if not question_ids:
+            return torch.zeros(table.shape[1], dtype=torch.float32)
+        ids = torch.as_tensor(question_ids, dtype=torch.long, device=table.device)
+        return table[ids].float().mean(dim=0).cpu()
 
     def warmup(self, plans: Sequence[Plan] | None = None, steps: int = 2) -> None:
         """Run throw-away requests so first-call costs (allocations, kernel selection) are not timed."""
@@ -379,28 +418,6 @@ def compiled_decode(model: MolmoeForCausalLM) -> Callable[..., Tensor]:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     mode = "reduce-overhead" if model.lm_head.weight.is_cuda else "default"
     return torch.compile(model.decode_token, mode=mode, fullgraph=True, dynamic=False)
-
-
-IMPORTANCE_FILE = "block_importance.json"
-
-
-def read_drop_order(folder: Path, model_id: str) -> tuple[int, ...] | None:
-    """The measured block ranking (`python -m lmms_adaptive.profile importance`) stored in the checkpoint
-    folder, or None (the knob space's default order) when there is none."""
-    path = folder / IMPORTANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        order, made_for = tuple(int(i) for i in saved["drop_order"]), saved["model_fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"{path}: not a block importance file (needs drop_order and model_fingerprint): {err}"
-        ) from err
-    if made_for != model_id:
-        log.warning("%s was measured on model %s, not %s: ignored (default block order used)", path, made_for, model_id)
-        return None
-    return order
 
 
 def image_size(image: Any) -> tuple[int, int]:

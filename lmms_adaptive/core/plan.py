@@ -1,7 +1,9 @@
-"""The per-request plan (the four knobs) and the knob space a model allows.
+"""The per-request plan (the four knobs), the knob space a model allows, and the facts a controller sees.
 
-A controller returns a `Plan`; `KnobSpace.schedule(plan)` is the one place a plan becomes the decoder's
-`LayerSchedule` (which blocks run and with which top-k). `max_crops` goes to the processor.
+The knobs are declared once, as the fields of `Plan` marked `knob`; `KNOBS` lists their names and every
+other list of knob names derives from it. `KnobSpace` holds the rules: each knob's options
+(`options`), the one plan enumerator (`plans`), and the one place a plan becomes the decoder's
+`LayerSchedule` (`schedule`: which blocks run and with which top-k). `max_crops` goes to the processor.
 
 Knob semantics (MolmoE-1B values, derived from the config for other sizes):
 - tier / max_crops: low / medium / high = max_crops // 4, // 2, max_crops (3 / 6 / 12);
@@ -13,27 +15,60 @@ Knob semantics (MolmoE-1B values, derived from the config for other sizes):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 from torch import Tensor
 
-from .config import MolmoeConfig
-from .model import LayerSchedule
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.model import LayerSchedule
 
 TIER_NAMES = ("low", "medium", "high")
 
 
+def _knob(doc: str, default: int | None = None):
+    return field(metadata={"knob": doc}) if default is None else field(default=default, metadata={"knob": doc})
+
+
 @dataclass(frozen=True)
 class Plan:
-    max_crops: int
-    top_k: int
-    n_blocks: int
-    insert_pos: int = 1
+    """What one request runs with. The knob fields are the knobs; `renormalize` is an MoE setting."""
+
+    max_crops: int = _knob("vision tier: the processor's crop cap")
+    top_k: int = _knob("MoE top-k of every block after insert_pos")
+    n_blocks: int = _knob("active decoder blocks")
+    insert_pos: int = _knob("block after which stage 2 decides top-k and n_blocks", 1)
     renormalize: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """A short name, e.g. `crops12_k8_b16_p1`."""
+        return f"crops{self.max_crops}_k{self.top_k}_b{self.n_blocks}_p{self.insert_pos}"
+
+
+KNOBS: tuple[str, ...] = tuple(f.name for f in fields(Plan) if "knob" in f.metadata)
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What a controller may know before the vision encoder runs (all cheap to compute)."""
+
+    budget_ms: float | None
+    question: str
+    image_sizes: tuple[tuple[int, int], ...]  # (height, width) per image
+    prompt_tokens_per_tier: dict[int, int]  # max_crops -> exact prompt length with the images at that tier
+    crops_per_tier: dict[int, int]  # max_crops -> ViT crops of all images at that tier (the vision cost)
+    text_tokens: int
+    max_new_tokens: int
+    task: str | None = None
+    question_ids: tuple[int, ...] = ()  # the question's token ids under the model's tokenizer
+
+    @property
+    def image_pixels(self) -> int:
+        return sum(h * w for h, w in self.image_sizes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,20 +135,50 @@ class KnobSpace:
         low = max(self.min_blocks, insert_pos + self.min_blocks - 1)
         return range(low, self.n_layers + 1)
 
+    def block_choices(self) -> tuple[int, ...]:
+        """Every active-block count some insertion position allows."""
+        return tuple(sorted(set().union(*(self.block_options(p) for p in self.insert_positions))))
+
+    def options(self, knob: str) -> tuple[int, ...]:
+        """The values a knob takes in this space (`n_blocks`: over every insertion position)."""
+        table = {
+            "max_crops": self.tiers,
+            "top_k": self.top_k_options,
+            "n_blocks": self.block_choices(),
+            "insert_pos": self.insert_positions,
+        }
+        if knob not in KNOBS:
+            raise ValueError(f"unknown knob {knob!r}; the knobs are {', '.join(KNOBS)}")
+        return table[knob]
+
     def full_plan(self, max_crops: int | None = None) -> Plan:
         return Plan(max_crops=max_crops or self.max_crops, top_k=self.model_top_k, n_blocks=self.n_layers)
 
     def cheapest_plan(self) -> Plan:
         return Plan(max_crops=self.tiers[0], top_k=self.top_k_options[0], n_blocks=self.min_blocks, insert_pos=1)
 
-    def plans(self) -> list[Plan]:
-        """Every distinct plan over tiers x top-k x blocks (insertion at 1, which allows every block count)."""
-        return [
-            Plan(max_crops=c, top_k=k, n_blocks=b)
-            for c in self.tiers
-            for k in self.top_k_options
-            for b in self.block_options(1)
+    def plans(self, grid: Mapping[str, Sequence[int]] | None = None) -> list[Plan]:
+        """Every valid plan (tiers x insertion positions x the block counts each allows x top-k), in that
+        order, narrowed by `grid` ({knob: allowed values}); a grid value outside the space is an error."""
+        grid = dict(grid or {})
+        for knob, values in grid.items():
+            bad = [v for v in values if v not in self.options(knob)]
+            if bad:
+                raise ValueError(f"{knob} values {bad} are not in the model's knob space {list(self.options(knob))}")
+
+        def allowed(knob: str, values: Sequence[int]) -> list[int]:
+            return [v for v in values if knob not in grid or v in grid[knob]]
+
+        plans = [
+            Plan(crops, k, blocks, p)
+            for crops in allowed("max_crops", self.tiers)
+            for p in allowed("insert_pos", self.insert_positions)
+            for blocks in allowed("n_blocks", self.block_options(p))
+            for k in allowed("top_k", self.top_k_options)
         ]
+        if not plans:
+            raise ValueError(f"the grid {grid} leaves no valid plan in the knob space")
+        return plans
 
     def validate(self, plan: Plan) -> None:
         if plan.max_crops < 1:
@@ -156,3 +221,7 @@ class KnobSpace:
             ),
             renormalize=plan.renormalize,
         )
+
+    def expert_work(self, plan: Plan) -> int:
+        """The MoE top-k summed over the plan's active blocks (what the experts cost per token)."""
+        return sum(k for _, k in self.schedule(plan).layers)

@@ -8,4 +8,8 @@ from lmms_eval.models.registry_v2 import ModelManifest
 
 
 def manifests() -> list[ModelManifest]:
-    return [ModelManifest(model_id="adaptive_molmoe", simple_class_path="lmms_adaptive.lmms_plugin.AdaptiveMolmoeLMM")]
+    return [
+        ModelManifest(
+            model_id="adaptive_molmoe", simple_class_path="lmms_adaptive.integration.lmms_plugin.AdaptiveMolmoeLMM"
+        )
+    ]

@@ -21,8 +21,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from .plan import Plan
-from .policy import PolicyRequest, TwoStagePolicy
+from lmms_adaptive.controllers.grpo import PolicyRequest, TwoStagePolicy
+from lmms_adaptive.core.plan import Plan
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One-time conversion of a MolmoE checkpoint folder to (sharded) safetensors, bf16 by default.
 
-    python -m lmms_adaptive.convert /ckpt/MolmoE-1B-0924 /ckpt/MolmoE-1B-0924-bf16
+    python -m lmms_adaptive.tools.convert /ckpt/MolmoE-1B-0924 /ckpt/MolmoE-1B-0924-bf16
 
 The official release is one 28.9 GB fp32 pickle; the converted folder (~14.4 GB) loads faster,
 memory-mapped, and never touches pickle. Names and shapes are validated before anything is written.
@@ -12,12 +12,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from .checkpoint import convert
-from .runtime import resolve_dtype
+from lmms_adaptive.core.checkpoint import convert
+from lmms_adaptive.core.runtime import resolve_dtype
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="checkpoint folder (pytorch_model.bin or safetensors)")
     parser.add_argument("dst", type=Path, help="output folder (created)")
     parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")

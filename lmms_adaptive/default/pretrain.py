@@ -1,7 +1,7 @@
 """Train the embedded default: a tiny MolmoE, from scratch, on the synthetic visual-QA suite, elastically.
 
-    python -m lmms_adaptive.pretrain OUT_DIR                      # train (resumes if OUT_DIR has a state)
-    python -m lmms_adaptive.pretrain OUT_DIR --steps 40 --eval-every 20  # a quick smoke run
+    python -m lmms_adaptive.default.pretrain OUT_DIR                      # train (resumes if OUT_DIR has a state)
+    python -m lmms_adaptive.default.pretrain OUT_DIR --steps 40 --eval-every 20  # a quick smoke run
 
 Two stages. The vision stage trains the vision backbone alone (ViT, pooling, projector) on the global
 views of training scenes and on crops of sign sheets (`synthetic.sign_sheet`: rows of numbers at the
@@ -48,12 +48,11 @@ from tokenizers import Tokenizer
 from torch import Tensor
 from tqdm import tqdm
 
-from . import synthetic
-from .checkpoint import load_model, save_weights
-from .config import MolmoeConfig
-from .model import LayerSchedule, MolmoeForCausalLM
-from .plan import KnobSpace
-from .processor import (
+from lmms_adaptive.core.checkpoint import load_model, save_weights
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.model import LayerSchedule, MolmoeForCausalLM
+from lmms_adaptive.core.plan import KnobSpace, Plan
+from lmms_adaptive.core.processor import (
     MolmoeProcessor,
     ProcessedRequest,
     VisionPreprocessConfig,
@@ -62,9 +61,10 @@ from .processor import (
     resize_and_pad,
     to_rgb_array,
 )
-from .runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
-from .runtime import AdaptiveMolmoe, GenerationConfig
-from .tiny import build_tiny
+from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
+from lmms_adaptive.default import synthetic
+from lmms_adaptive.default.tiny import build_tiny
+from lmms_adaptive.tools.runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +145,16 @@ class StepPlan:
 
 
 def sample_step_plan(space: KnobSpace, seed: int, step: int, full_plan_prob: float) -> StepPlan:
-    """A random point of the plan space; dropped blocks are any of 1..L-1 (block 0 always runs, as insert_pos >= 1)."""
+    """A random point of the plan space at insertion position 1; the dropped blocks are any of 1..L-1 (a random
+    drop order, not the importance ranking, so the model learns to work without any of them)."""
     rng = random.Random(f"plan/{seed}/{step}")
     max_crops = rng.choice(space.tiers)
     if rng.random() < full_plan_prob:
-        return StepPlan(max_crops, LayerSchedule(tuple((i, space.model_top_k) for i in range(space.n_layers))))
-    top_k = rng.choice(space.top_k_options)
-    n_blocks = rng.choice(space.block_options(1))
-    dropped = set(rng.sample(range(1, space.n_layers), space.n_layers - n_blocks))
-    return StepPlan(max_crops, LayerSchedule(tuple((i, top_k) for i in range(space.n_layers) if i not in dropped)))
+        return StepPlan(max_crops, space.schedule(space.full_plan(max_crops)))
+    plan = Plan(max_crops, rng.choice(space.top_k_options), rng.choice(space.block_options(1)))
+    dropped = rng.sample(range(1, space.n_layers), space.n_layers - plan.n_blocks)
+    order = dropped + [i for i in range(space.n_layers) if i not in dropped]
+    return StepPlan(max_crops, space.schedule(plan, order))
 
 
 def train_sample(seed: int, index: int) -> synthetic.Sample:
@@ -422,16 +423,13 @@ def batch_losses(
         padded[b, : f.shape[0]] = f
     x = model.embed(batch.input_ids, padded, batch.image_input_idx)
     rope = model.rope(batch.positions)
+    mask = batch.attention_mask()
     early: list[Tensor] = []  # the outputs of the first QUESTION_READ_BLOCKS scheduled blocks
-
-    def keep_early(_: int, __: Tensor, output: Tensor) -> None:
-        if len(early) < QUESTION_READ_BLOCKS:
-            early.append(output)
-
-    hidden = model.run_blocks(
-        x, rope, schedule.layers, schedule.renormalize, mask=batch.attention_mask(),
-        on_block=keep_early,
-    )  # fmt: skip
+    hidden = x
+    for layer in schedule.layers[:QUESTION_READ_BLOCKS]:
+        hidden = model.run_blocks(hidden, rope, [layer], schedule.renormalize, mask=mask)
+        early.append(hidden)
+    hidden = model.run_blocks(hidden, rope, schedule.layers[QUESTION_READ_BLOCKS:], schedule.renormalize, mask=mask)
     target = batch.labels >= 0
     logits = model.logits(model.final_norm(hidden[target])).float()
     token_loss = torch.nn.functional.cross_entropy(logits, batch.labels[target], reduction="none")
@@ -834,7 +832,7 @@ def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
 def main(argv: list[str] | None = None) -> None:
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m lmms_adaptive.pretrain",
+        prog="python -m lmms_adaptive.default.pretrain",
         description=__doc__.split("\n\n")[0],
         epilog="Re-running with the same OUT_DIR and flags resumes from the last saved step.",
     )

@@ -1,4 +1,4 @@
-"""The learned two-stage controller's policy: budget encoder and the two heads (model-independent core).
+"""The grpo controller: the learned two-stage policy (budget encoder and two heads) and its inference.
 
 Everything here takes tensors; inserting the latency token into the prefill and reading its hidden
 state at block p is the runtime's job (`PolicyRequest.stage2_hidden`).
@@ -42,8 +42,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from .controllers import ArtifactError, Controller, RequestFacts, Stage1, knob_space_json
-from .plan import KnobSpace, Plan
+from lmms_adaptive.controllers.base import ArtifactError, Controller, Model, Stage1, artifact_header, knob_space_json
+from lmms_adaptive.core.plan import KnobSpace, Plan, RequestFacts
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +116,6 @@ def request_features(facts: RequestFacts, knobs: KnobSpace) -> Tensor:
     return torch.log1p(torch.tensor(counts, dtype=torch.float32))
 
 
-def question_summary(token_ids: Tensor | Sequence[int], embedding_table: Tensor) -> Tensor:
-    """Mean of the model's own (frozen) embedding rows of the question tokens, as float32 [d_model]."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long, device=embedding_table.device)
-    with torch.no_grad():
-        if ids.numel() == 0:
-            return torch.zeros(embedding_table.shape[1], dtype=torch.float32, device=embedding_table.device)
-        return embedding_table[ids.reshape(-1)].float().mean(dim=0)
-
-
-def block_choices(knobs: KnobSpace) -> tuple[int, ...]:
-    """Every active-block count some insertion position allows (the stage-2 block head's options)."""
-    return tuple(sorted(set().union(*(knobs.block_options(p) for p in knobs.insert_positions))))
-
-
 class RunningNorm(nn.Module):
     """Per-dimension standardisation by the mean and variance of the inputs seen in training, clipped to
     +-NORM_CLIP. `update` adds a batch to the statistics (buffers, so they travel with the weights).
@@ -193,7 +179,7 @@ class Stage2Head(nn.Module):
     def __init__(self, knobs: KnobSpace, d_model: int, hidden: int = 128) -> None:
         super().__init__()
         self.n_tiers, self.n_positions = len(knobs.tiers), len(knobs.insert_positions)
-        self.n_top_k, blocks = len(knobs.top_k_options), block_choices(knobs)
+        self.n_top_k, blocks = len(knobs.top_k_options), knobs.block_choices()
         valid = torch.tensor([[b in knobs.block_options(p) for b in blocks] for p in knobs.insert_positions])
         self.register_buffer("block_valid", valid, persistent=False)  # [positions, block choices]
         self.budget_norm = nn.LayerNorm(d_model)
@@ -284,7 +270,7 @@ class PolicyRequest:
     with the latency token inserted; environments may subclass this to carry their own data."""
 
     budget_ms: float
-    question: Tensor  # [d_model], see question_summary
+    question: Tensor  # [d_model], see AdaptiveMolmoe.question_summary
     features: Tensor  # [n_features], see request_features
     stage2_hidden: HiddenFn
 
@@ -318,7 +304,7 @@ class TwoStagePolicy(nn.Module):
         if not 0 < low < high:
             raise ValueError(f"the budget range must satisfy 0 < low < high, got {budget_range_ms}")
         self.knobs, self.dims, self.budget_range_ms = knobs, dims, (float(low), float(high))
-        self.block_choices = block_choices(knobs)
+        self.block_choices = knobs.block_choices()
         self.budget_encoder = BudgetEncoder(dims.d_model, dims.sinusoid_dim, dims.encoder_hidden, low, high)
         self.stage1 = Stage1Head(knobs, dims.d_model, dims.head_hidden)
         self.stage2 = Stage2Head(knobs, dims.d_model, dims.head_hidden)
@@ -489,14 +475,10 @@ class TwoStagePolicy(nn.Module):
     def _plan_indices(self, plans: Sequence[Plan]) -> tuple[Tensor, Tensor]:
         """Option indices [B, 4] (tier, position, top-k, blocks; 0 where unknown) and whether all are known [B]."""
         device = self.question_norm.mean.device
+        order = ("max_crops", "insert_pos", "top_k", "n_blocks")  # stage 1's pair, then stage 2's
         columns = [
-            _indices(options, torch.tensor([getattr(p, knob) for p in plans], device=device))
-            for knob, options in (
-                ("max_crops", self.knobs.tiers),
-                ("insert_pos", self.knobs.insert_positions),
-                ("top_k", self.knobs.top_k_options),
-                ("n_blocks", self.block_choices),
-            )
+            _indices(self.knobs.options(knob), torch.tensor([getattr(p, knob) for p in plans], device=device))
+            for knob in order
         ]
         idx = torch.stack([c[0] for c in columns], dim=1)
         known = torch.stack([c[1] for c in columns], dim=1).all(dim=1)
@@ -512,11 +494,9 @@ class TwoStagePolicy(nn.Module):
         """
         weights = save_safetensors({k: v.detach().contiguous() for k, v in self.state_dict().items()})
         return {
-            "kind": ARTIFACT_KIND,
+            **artifact_header(ARTIFACT_KIND, model_fingerprint, self.knobs),
             "format": ARTIFACT_FORMAT,
-            "model_fingerprint": model_fingerprint,
             "device": device,
-            "knob_space": knob_space_json(self.knobs),
             "dims": asdict(self.dims),
             "budget_range_ms": list(self.budget_range_ms),
             "training": training or {},
@@ -563,7 +543,8 @@ class GRPOController(Controller):
     inserts that token and calls stage 2 with its hidden state at block p for top-k and active blocks.
     """
 
-    kind = "grpo"
+    kind = ARTIFACT_KIND
+    needs_budget = True
 
     def __init__(self, policy: TwoStagePolicy, question_summary: Callable[[Sequence[int]], Tensor]) -> None:
         self.policy = policy.eval()
@@ -591,3 +572,7 @@ class GRPOController(Controller):
         if facts.budget_ms not in self._tokens:
             self._tokens[facts.budget_ms] = self.policy.budget_token(facts.budget_ms)
         return self._tokens[facts.budget_ms]
+
+
+def from_artifact(artifact: dict[str, Any], model: Model) -> GRPOController:
+    return GRPOController(TwoStagePolicy.from_artifact(artifact, model.knobs), model.question_summary)

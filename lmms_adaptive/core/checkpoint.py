@@ -1,4 +1,5 @@
-"""Checkpoint folders: find, validate and load weights (pickle-free), save and convert to safetensors.
+"""Checkpoint folders: find, validate and load weights (pickle-free), save and convert to safetensors;
+where the shipped default lives; the block ranking stored beside the weights.
 
 A folder holds `config.json`, the tokenizer files and weights as one of:
 `model.safetensors`, `model.safetensors.index.json` + shards, or `pytorch_model.bin` (the official
@@ -17,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import MolmoeConfig
-from .model import MolmoeForCausalLM
+from lmms_adaptive.core.config import MolmoeConfig
+from lmms_adaptive.core.model import MolmoeForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
 )  # fmt: skip
 SHARD_BYTES = 5 * 1024**3
+
+
+# The embedded default: a tiny MolmoE trained on the synthetic suite, shipped as package data
+# (built by `python -m lmms_adaptive.default.pretrain`; nothing here imports that code).
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "resources" / "tiny-molmoe-synth"
+IMPORTANCE_FILE = "block_importance.json"
 
 
 class CheckpointError(ValueError):
@@ -56,7 +63,9 @@ def weight_files(folder: str | Path) -> list[Path]:
     for name in (SAFETENSORS, PICKLE):
         if (folder / name).is_file():
             return [folder / name]
-    raise FileNotFoundError(f"no weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} + shards, or {PICKLE}")
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} + shards, or {PICKLE}"
+    )
 
 
 def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -73,7 +82,9 @@ def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # torch raises several types for bad zips and disallowed pickles
-                raise CheckpointError(f"{path}: unreadable PyTorch checkpoint (truncated, corrupted or not a state dict): {err}") from err
+                raise CheckpointError(
+                    f"{path}: unreadable PyTorch checkpoint (truncated, corrupted or not a state dict): {err}"
+                ) from err
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
             for name, value in state.items():
@@ -106,7 +117,9 @@ def _check_names(expected: dict[str, torch.Size], found: dict[str, torch.Size], 
     raise CheckpointError(f"weights in {folder} do not match its config.json: " + "; ".join(parts))
 
 
-def build_model(config: MolmoeConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MolmoeForCausalLM:
+def build_model(
+    config: MolmoeConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> MolmoeForCausalLM:
     """Allocate an uninitialised model (no random init work) on `device`, directly in `dtype` (cast while
     still on the meta device: the full model in bf16 never passes through a 29 GB fp32 copy)."""
     with torch.device("meta"):
@@ -174,7 +187,9 @@ def write_safetensors(
     (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
 
 
-def convert(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES) -> None:
+def convert(
+    src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES
+) -> None:
     """One-time conversion of a checkpoint folder (e.g. the fp32 `pytorch_model.bin`) to sharded safetensors.
 
     Validates names and shapes against the folder's config first, then streams tensor by tensor, so peak
@@ -209,3 +224,32 @@ def fingerprint(folder: str | Path) -> str:
         with path.open("rb") as f:
             h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def default_checkpoint() -> Path:
+    """The built-in default model: the tiny MolmoE trained on the synthetic suite, shipped in the package."""
+    if not (SHIPPED_CHECKPOINT / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the shipped default checkpoint is missing from {SHIPPED_CHECKPOINT}; reinstall the package, "
+            "or train one with `python -m lmms_adaptive.default.pretrain` and pass it as pretrained=<folder>"
+        )
+    return SHIPPED_CHECKPOINT
+
+
+def read_drop_order(folder: Path, model_id: str) -> tuple[int, ...] | None:
+    """The measured block ranking (`python -m lmms_adaptive.tools.importance`) stored in the checkpoint
+    folder, or None (the knob space's default order) when there is none or it was measured on another model."""
+    path = folder / IMPORTANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        order, made_for = tuple(int(i) for i in saved["drop_order"]), saved["model_fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{path}: not a block importance file (needs drop_order and model_fingerprint): {err}"
+        ) from err
+    if made_for != model_id:
+        log.warning("%s was measured on model %s, not %s: ignored (default block order used)", path, made_for, model_id)
+        return None
+    return order

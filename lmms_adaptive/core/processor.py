@@ -282,10 +282,8 @@ def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple
     resolutions = np.array(tilings, dtype=np.float32) * np.float32(window)
     with np.errstate(divide="ignore"):
         scales = (resolutions / np.array([height, width], dtype=np.float32)).min(axis=1)
-    if np.all(scales < 1):
-        best = int(np.argmax(scales))
-    else:
-        best = int(np.argmin(np.where(scales < 1, np.inf, scales)))
+    fits = scales >= 1  # tilings that need no downscaling: the smallest such; else the least downscaled
+    best = int(np.argmin(np.where(fits, scales, np.inf))) if fits.any() else int(np.argmax(scales))
     return tilings[best]
 
 

@@ -1,7 +1,7 @@
 """Find and check lmms-eval results files (its CLI exits 0 even when the evaluation failed).
 
-    python -m lmms_adaptive.results OUTPUT_PATH --tasks textvqa_val_local,mme_local,pope_local
-    python -m lmms_adaptive.results OUTPUT_PATH --tasks synth_vqa_test --floor synth_vqa_test:exact_match=0.3
+    python -m lmms_adaptive.tools.results OUTPUT_PATH --tasks textvqa_val_local,mme_local,pope_local
+    python -m lmms_adaptive.tools.results OUTPUT_PATH --tasks synth_vqa_test --floor synth_vqa_test:exact_match=0.3
 exits non-zero unless a results JSON under OUTPUT_PATH holds metrics for every task (and every floor holds).
 """
 
@@ -49,7 +49,7 @@ def below_floor(results: dict[str, Any], task: str, metric: str, floor: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.results", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.results", description=__doc__.split("\n\n")[0])
     parser.add_argument("output_path", type=Path, help="the --output_path given to lmms-eval")
     parser.add_argument("--tasks", required=True, help="comma-separated task names that must have metrics")
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="TASK:METRIC=VALUE",

@@ -1,0 +1,437 @@
+"""Train the two-stage controller with GRPO on lmms-eval tasks, then evaluate it on held-out tasks.
+
+    python -m lmms_adaptive.train runs/grpo                          # tiny default model, synthetic val tasks
+    python -m lmms_adaptive.train runs/grpo --config grpo.yaml       # settings from YAML; flags override it
+    python -m lmms_adaptive.train runs/grpo --pretrained /ckpt/MolmoE-1B-0924 --tasks textvqa_val --limit 500 \\
+        --budget-range-ms 150,400 --eval-tasks textvqa_val --device cuda
+
+Each step draws `requests_per_step` training samples (seeded) with a budget each (log-uniform over
+`budget_range_ms`), samples a group of `group_size` plans per request from the policy, runs every plan
+at batch size 1 through the one request path (the task's prompt, generation kwargs and image; the
+latency token inserted to block p), scores the answer with the task's own `process_results`, and
+rewards score minus a penalty over budget (`grpo.reward`, with the latency measured end to end).
+The LLM is frozen; the budget encoder and both heads train (`grpo.grpo_step`).
+
+The run folder holds `settings.json` (a resumed run must use the same), `state.pt` (every
+`save_every` steps: policy, optimizer, lr schedule, rng), `metrics.csv` and `curves.png` (reward,
+score, latency, violations), `controller.json` (the artifact `controller=<path>` loads; copy it to
+`controllers/` for `controller=grpo`) and `eval.csv` / `eval.json` (the greedy policy on the eval
+tasks at each eval budget). Re-running the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from lmms_adaptive.controllers.base import Controller, Stage1
+from lmms_adaptive.controllers.grpo import GRPOController, PolicyDims, PolicyRequest, TwoStagePolicy, request_features
+from lmms_adaptive.core.plan import Plan, RequestFacts
+from lmms_adaptive.core.runtime import AdaptiveMolmoe
+from lmms_adaptive.integration.tasks import TaskSample, load_samples
+from lmms_adaptive.serving.records import RequestRecord, summarize
+from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, Request, serve
+from lmms_adaptive.tools.grpo import GRPOConfig, GRPORun, Penalty, StepStats
+from lmms_adaptive.tools.runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
+
+log = logging.getLogger(__name__)
+
+REPO_TASKS = Path(__file__).resolve().parents[2] / "tasks"  # the local tasks of a source checkout
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run (a resumed run must match). Lists are comma-separated on the command line."""
+
+    pretrained: str | None = None  # checkpoint folder; None: the built-in tiny model
+    tasks: tuple[str, ...] = ("synth_vqa_val", "synth_pope_val")
+    include_path: tuple[str, ...] = (str(REPO_TASKS),) if REPO_TASKS.is_dir() else ()
+    limit: int | None = None  # training samples per task (seeded draw); None: all
+    eval_tasks: tuple[str, ...] = ("synth_vqa_test", "synth_pope_test")
+    eval_limit: int | None = 40
+    eval_budgets_ms: tuple[float, ...] = ()  # empty: 5 budgets spread log-evenly over budget_range_ms
+    steps: int = 60
+    group_size: int = 8
+    requests_per_step: int = 8
+    budget_range_ms: tuple[float, ...] = (80.0, 320.0)  # the tiny default's range on a CPU
+    lr: float = 2e-3
+    stage1_lr_scale: float = 0.1
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.01
+    epochs: int = 2
+    penalty: float = 1.0
+    penalty_per_overshoot: float = 1.0
+    penalty_cap: float = 1.0  # the relative overshoot counted at most
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a task's gen_kwargs set none
+    save_every: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.budget_range_ms) != 2 or not 0 < self.budget_range_ms[0] < self.budget_range_ms[1]:
+            raise ValueError(
+                f"budget_range_ms must be two numbers LOW,HIGH with 0 < LOW < HIGH, got {self.budget_range_ms}"
+            )
+        for name in ("steps", "group_size", "requests_per_step", "epochs", "save_every", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
+        if not self.tasks:
+            raise ValueError("tasks: name at least one lmms-eval task to train on")
+
+    def grpo(self) -> GRPOConfig:
+        low, high = self.budget_range_ms
+        return GRPOConfig(
+            group_size=self.group_size, requests_per_step=self.requests_per_step, lr=self.lr,
+            stage1_lr_scale=self.stage1_lr_scale, clip_eps=self.clip_eps, kl_coef=self.kl_coef,
+            entropy_coef=self.entropy_coef, epochs=self.epochs, penalty=Penalty(self.penalty, self.penalty_per_overshoot, self.penalty_cap),
+            budget_range_ms=(low, high), seed=self.seed,
+        )  # fmt: skip
+
+    def eval_budgets(self) -> list[float]:
+        if self.eval_budgets_ms:
+            return list(self.eval_budgets_ms)
+        low, high = self.budget_range_ms
+        return [round(math.exp(x), 1) for x in np.linspace(math.log(low), math.log(high), 5)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The environment: task samples on the loaded model
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TaskRequest(PolicyRequest):
+    sample: TaskSample
+    request: Request
+
+
+class RolloutController(Controller):
+    """One sampled plan, executed as the grpo controller executes its decisions: stage 1 gives the tier, the
+    insertion position and a latency token (a probe: its values change neither the answer nor the latency),
+    stage 2 at block p gives the rest. So a rollout costs what the plan costs under `controller=grpo`."""
+
+    kind = "grpo-rollout"
+
+    def __init__(self, plan: Plan, probe: Tensor) -> None:
+        self.plan, self.probe = plan, probe
+
+    def stage1(self, facts: RequestFacts) -> Stage1:
+        return Stage1(self.plan.max_crops, self.plan.insert_pos, latency_token=self.probe)
+
+    def stage2(self, facts: RequestFacts, first: Stage1, hidden: Tensor) -> Plan:
+        return self.plan
+
+
+class MolmoeEnvironment:
+    """GRPO's `Environment` over lmms-eval task samples on a loaded model.
+
+    A request is a sample under a budget: the policy's inputs come from the model's own tokenizer and
+    embedding table and the request facts, and its stage-2 hidden state from the model run to block p
+    with the latency token. A plan is served through the one request path (`serving.request.serve`) and
+    scored by the task's own `process_results`; its latency is the record's end-to-end `total_ms`.
+    """
+
+    def __init__(self, rt: AdaptiveMolmoe, samples: Sequence[TaskSample], max_new_tokens: int, style: str = "auto"):
+        if not samples:
+            raise ValueError("the training environment needs at least one task sample")
+        self.rt, self.samples, self.max_new_tokens, self.style = rt, list(samples), max_new_tokens, style
+        self._probe_token = torch.zeros(rt.model.config.d_model)
+
+    def sample_request(self, rng: torch.Generator, budget_ms: float) -> TaskRequest:
+        sample = self.samples[int(torch.randint(len(self.samples), (), generator=rng))]
+        request = sample.request(budget_ms, self.max_new_tokens, self.style)
+        facts = self.rt.request_facts(
+            request.question, request.images, budget_ms, request.gen.max_new_tokens, sample.task
+        )
+        return TaskRequest(
+            budget_ms=budget_ms,
+            question=self.rt.question_summary(facts.question_ids),
+            features=request_features(facts, self.rt.knobs),
+            stage2_hidden=partial(self._stage2_hidden, request),
+            sample=sample,
+            request=request,
+        )
+
+    def _stage2_hidden(self, request: Request, max_crops: int, insert_pos: int, token: Tensor) -> Tensor:
+        processed = self.rt.processor(request.question, request.images, max_crops=max_crops, style=request.style)
+        return self.rt.latency_hidden(processed, insert_pos, token.detach()).cpu()
+
+    def run(self, request: TaskRequest, plan: Plan) -> tuple[float, float]:
+        served = serve(self.rt, RolloutController(plan, self._probe_token), request.request)
+        return request.sample.score(served.text), served.record.total_ms
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation of a controller on held-out samples
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A controller on one task at one budget, measured through the one request path."""
+
+    task: str
+    budget_ms: float
+    n: int
+    score: float
+    latency_mean_ms: float
+    latency_p95_ms: float
+    violation_rate: float
+    controller_ms_mean: float
+    plans: dict[str, int]  # plan key -> requests, most used first
+
+
+def evaluate(
+    rt: AdaptiveMolmoe,
+    controller: Controller,
+    samples: Sequence[TaskSample],
+    budgets: Sequence[float],
+    max_new_tokens: int,
+) -> list[EvalResult]:
+    """Every sample at every budget, served under `controller` as the plugin serves it; per (task, budget) means."""
+    results = []
+    for budget in budgets:
+        scored: dict[str, list[RequestRecord]] = {}
+        for sample in tqdm(samples, desc=f"eval @ {budget:g} ms", unit="request", leave=False):
+            served = serve(rt, controller, sample.request(budget, max_new_tokens))
+            scored.setdefault(sample.task, []).append(replace(served.record, score=sample.score(served.text)))
+        for task, records in sorted(scored.items()):
+            stats = summarize(records)
+            results.append(EvalResult(
+                task=task, budget_ms=budget, n=len(records), score=float(np.mean([r.score for r in records])),
+                latency_mean_ms=stats["latency_mean_ms"], latency_p95_ms=stats["latency_p95_ms"],
+                violation_rate=stats["violation_rate"], controller_ms_mean=stats["controller_ms_mean"],
+                plans=dict(Counter(r.plan.key for r in records).most_common()),
+            ))  # fmt: skip
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder and the loop
+# ----------------------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = (
+    "step", "reward_mean", "score_mean", "latency_mean_ms", "violation_rate", "entropy", "updated",
+    "pg_loss", "kl", "clip_frac", "lr", "seconds",
+)  # fmt: skip
+
+
+def metrics_row(step: int, stats: StepStats, lr: float, seconds: float) -> dict[str, Any]:
+    loss = stats.loss
+    return {
+        "step": step, "reward_mean": round(stats.reward_mean, 5), "score_mean": round(stats.score_mean, 5),
+        "latency_mean_ms": round(stats.latency_mean_ms, 3), "violation_rate": round(stats.violation_rate, 5),
+        "entropy": round(stats.entropy, 5), "updated": int(stats.updated),
+        "pg_loss": "" if loss is None else round(loss.pg_loss, 6), "kl": "" if loss is None else round(loss.kl, 6),
+        "clip_frac": "" if loss is None else round(loss.clip_frac, 5), "lr": lr, "seconds": round(seconds, 2),
+    }  # fmt: skip
+
+
+def plot_curves(metrics: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(metrics)
+    steps = [int(r["step"]) for r in rows]
+    panels = (("reward_mean", "reward"), ("score_mean", "task score"), ("latency_mean_ms", "latency (ms)"),
+              ("violation_rate", "budget violation rate"))  # fmt: skip
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (column, label) in zip(axes, panels):
+        plot_with_mean(ax, steps, [float(r[column]) for r in rows], max(1, len(rows) // 10))
+        ax.set(xlabel="step", title=label)
+    fig.suptitle("GRPO: sampled plans per step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+class RunFolder:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.settings = root / "settings.json"
+        self.state = root / "state.pt"
+        self.metrics = root / "metrics.csv"
+        self.artifact = root / "controller.json"
+        self.eval_csv = root / "eval.csv"
+        self.eval_json = root / "eval.json"
+        self.curves = root / "curves.png"
+
+
+def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Path:
+    """Train (or resume) the run in `out`, write the artifact, evaluate it; returns the artifact path."""
+    run = RunFolder(out)
+    rt = AdaptiveMolmoe.from_pretrained(cfg.pretrained, device=device, dtype=dtype)
+    samples = load_samples(cfg.tasks, cfg.include_path, cfg.limit, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(run.settings, json.loads(json.dumps(asdict(cfg))))  # after the inputs proved loadable
+    env = MolmoeEnvironment(rt, samples, cfg.max_new_tokens)
+    grpo_cfg = cfg.grpo()
+    torch.manual_seed(cfg.seed)
+    policy = TwoStagePolicy(rt.knobs, PolicyDims(d_model=rt.model.config.d_model), grpo_cfg.budget_range_ms)
+    trainer = GRPORun(policy, env, grpo_cfg, cfg.steps)
+    if run.state.is_file():
+        trainer.load_state_dict(torch.load(run.state, weights_only=True))
+        truncate_csv(run.metrics, trainer.step)
+        log.info("resuming %s at step %d", out, trainer.step)
+    if not trainer.done:
+        rt.warmup([rt.knobs.full_plan(c) for c in rt.knobs.tiers])
+    elapsed = float(read_rows(run.metrics)[-1]["seconds"]) if run.metrics.is_file() and trainer.step else 0.0
+    began = time.perf_counter() - elapsed
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="grpo", unit="step")
+    while not trainer.done:
+        lr = trainer.schedule.get_last_lr()[-1]
+        stats = trainer.advance()
+        write_rows(run.metrics, [metrics_row(trainer.step - 1, stats, lr, time.perf_counter() - began)], METRIC_COLUMNS)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats.reward_mean:.2f}", violations=f"{stats.violation_rate:.2f}")
+        if trainer.step % cfg.save_every == 0 or trainer.done:
+            save_atomic(trainer.state_dict(), run.state)
+    bar.close()
+    seconds = float(read_rows(run.metrics)[-1]["seconds"])
+    training = {
+        "tasks": list(cfg.tasks), "n_samples": len(samples), "steps": cfg.steps, "group_size": cfg.group_size,
+        "requests_per_step": cfg.requests_per_step, "plans_run": cfg.steps * cfg.group_size * cfg.requests_per_step,
+        "seconds": seconds, "settings": asdict(cfg),
+    }  # fmt: skip
+    artifact = policy.to_artifact(rt.model_id, device=rt.device_name, training=training)
+    run.artifact.write_text(json.dumps(artifact) + "\n")
+    log.info("controller artifact: %s; curves: %s", run.artifact, plot_curves(run.metrics, run.curves))
+    if cfg.eval_tasks:
+        eval_samples = load_samples(cfg.eval_tasks, cfg.include_path, cfg.eval_limit, cfg.seed)
+        results = evaluate(
+            rt, GRPOController(policy, rt.question_summary), eval_samples, cfg.eval_budgets(), cfg.max_new_tokens
+        )
+        write_eval(results, run)
+        print(eval_table(results))
+    return run.artifact
+
+
+def write_eval(results: Sequence[EvalResult], run: RunFolder) -> None:
+    run.eval_json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    columns = [f.name for f in fields(EvalResult) if f.name != "plans"] + ["top_plan"]
+    rows = [{**{k: v for k, v in asdict(r).items() if k != "plans"}, "top_plan": next(iter(r.plans))} for r in results]
+    write_rows(run.eval_csv, rows, columns, mode="w")
+
+
+def eval_table(results: Sequence[EvalResult]) -> str:
+    lines = [
+        "| task | budget ms | n | score | mean ms | p95 ms | violations | controller ms | plans |",
+        "|---" * 9 + "|",
+    ]
+    for r in results:
+        plans = ", ".join(f"{k} x{n}" for k, n in list(r.plans.items())[:3])
+        lines.append(
+            f"| {r.task} | {r.budget_ms:g} | {r.n} | {r.score:.3f} | {r.latency_mean_ms:.1f} | {r.latency_p95_ms:.1f} "
+            f"| {r.violation_rate:.2f} | {r.controller_ms_mean:.2f} | {plans} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings: defaults < YAML file < command-line flags
+# ----------------------------------------------------------------------------------------------------
+
+
+def _convert(kind: str, value: Any) -> Any:
+    """A YAML or command-line value as the field type `kind` (TrainConfig's annotations, e.g. "int | None",
+    "tuple[float, ...]"): None / "none" / "" clear an optional field or empty a list."""
+    optional, base = kind.endswith(" | None"), kind.removesuffix(" | None")
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        if base.startswith("tuple["):
+            return ()
+        raise ValueError("a value is required")
+    if base.startswith("tuple["):
+        item = float if base.startswith("tuple[float") else str
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(item(str(v).strip()) for v in items if str(v).strip())
+    return {"int": int, "float": float, "str": str}[base](value)
+
+
+def load_settings(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's settings: TrainConfig defaults, then a YAML mapping of field names, then flags given."""
+    defaults = TrainConfig()
+    values = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    given: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"--config {path}: not a readable YAML file ({err})") from err
+        if not isinstance(raw, dict):
+            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(values))
+        if unknown:
+            raise ValueError(f"--config {path}: unknown settings {unknown}; known: {', '.join(values)}")
+        given.update(raw)
+    given.update(overrides)
+    for name, value in given.items():
+        try:
+            values[name] = _convert(kinds[name], value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"setting {name}={value!r}: expected a value like {getattr(defaults, name)!r} ({err})"
+            ) from err
+    return TrainConfig(**values)
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m lmms_adaptive.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Re-running with the same folder and settings resumes from the last saved step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("out", type=Path, help="run folder (settings, state, logs, controller.json, eval)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of settings (the names below, with _)")
+    p.add_argument(
+        "--device", default=None, help="cuda or cpu (default: cuda when available); not part of the run's settings"
+    )
+    p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default: bf16 on GPU, fp32 on CPU)")
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, help=f"(default {shown})"
+        )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(parser().parse_args(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out, config, device, dtype = args.pop("out"), args.pop("config"), args.pop("device"), args.pop("dtype")
+    try:
+        cfg = load_settings(config, args)
+    except ValueError as err:
+        raise SystemExit(f"python -m lmms_adaptive.tools.train: {err}") from None
+    print(train(out, cfg, device, dtype))
+
+
+if __name__ == "__main__":
+    main()
