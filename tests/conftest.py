@@ -48,6 +48,14 @@ def golden_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rt():
+    """The built-in model (the shipped tiny MolmoE) on the CPU. Treat as read-only."""
+    from lmms_adaptive.core.runtime import AdaptiveMolmoe
+
+    return AdaptiveMolmoe.from_pretrained(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random MolmoE checkpoint folder (seed 0). Treat as read-only: copy it to modify it."""
     from lmms_adaptive.default.tiny import build_tiny

@@ -8,16 +8,10 @@ import pytest
 
 from lmms_adaptive.core.checkpoint import IMPORTANCE_FILE, read_drop_order
 from lmms_adaptive.core.plan import KnobSpace, Plan
-from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
 from lmms_adaptive.tools import importance
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-
-
-@pytest.fixture(scope="module")
-def rt() -> AdaptiveMolmoe:
-    return AdaptiveMolmoe.from_pretrained(None, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,10 @@ import pytest
 from fake_records import make_record
 
 from lmms_adaptive.core.plan import Plan
-from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
 from lmms_adaptive.tools import profile
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
-
-
-@pytest.fixture(scope="module")
-def rt() -> AdaptiveMolmoe:
-    return AdaptiveMolmoe.from_pretrained(None, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,6 @@ SHORT = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def rt() -> AdaptiveMolmoe:
-    return AdaptiveMolmoe.from_pretrained(None, device="cpu")
-
-
 def test_settings_defaults_yaml_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "grpo.yaml"
     path.write_text("steps: 7\ntasks: [synth_vqa_val]\nbudget_range_ms: [50, 250]\nlimit: null\nlr: 0.01\n")

@@ -398,7 +398,7 @@ def route_loss(model: MolmoeForCausalLM, block: int, x: Tensor, rope, batch: Bat
     that digit's glyph tokens: per (position, head), -log of the attention mass on them, averaged. A decoder
     trained on answers alone never learned to find the glyph to read (its answers stayed stock numbers while
     the vision tokens named the glyphs); with this target, one block learns where each digit is and the
-    answer loss can teach what to read there (README, "Embedded default model")."""
+    answer loss can teach what to read there (docs/embedded-default.md)."""
     rows, at = batch.route_at.unbind(-1)
     q, k, _ = model.model.transformer.blocks[block].attn.project(x, rope)  # [B, heads, L, head_dim]
     scores = torch.einsum("ghd,ghld->ghl", q[rows, :, at], k[rows]) / q.shape[-1] ** 0.5

@@ -12,7 +12,7 @@ derived from those same parameters, so it is right by construction. Five questio
   balanced; a "no" names a random absent colour or, adversarially, an absent look-alike of one present
   (:data:`LOOKALIKES`), as POPE's negatives are random or confusable objects. It asks for a colour, not
   a shape kind: the tiny ViT, trained within the CPU budget, tells colours apart in a several-object
-  scene but not the kinds of medium shapes (README, "Embedded default model").
+  scene but not the kinds of medium shapes (docs/embedded-default.md).
 
 Legibility of ``read`` (the knob dependence). The processor resizes an image so that a tiling of
 crops covers it (``select_tiling`` over the image minus the 112 px margins, 224 px windows); a low
@@ -38,7 +38,7 @@ more glyphs share each token (:data:`CROWDED_GLYPH_TOKENS`), and a pooled token 
 carry them all; 6 crops is in between. In pixels every tier keeps the strokes (a module is >= 4 px at
 3 crops), so the limit is the model's token budget, not the sampling limit. (Smaller glyphs, down to a
 2 px module that is below one pixel per module at 3 crops, were never learned by the tiny ViT within a
-CPU budget: README, "Embedded default model".)
+CPU budget: docs/embedded-default.md.)
 
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
