@@ -717,10 +717,7 @@ def test_max_new_tokens_and_timings(rt: AdaptiveMolmoe, n: int) -> None:
     t = out.timings
     assert len(t.decode_ms) == n - 1 == len(out.step_logits) - 1  # one entry per decode forward
     assert all(ms >= 0 for ms in t.decode_ms) and t.vision_ms >= 0 and t.prefill_ms >= 0 and t.preprocess_ms >= 0
-    assert t.decode_total_ms == pytest.approx(sum(t.decode_ms))
-    assert t.total_ms >= t.preprocess_ms + t.vision_ms + t.prefill_ms + t.decode_total_ms
-    d = t.to_dict()
-    assert d["decode_ms"] == t.decode_ms and d["total_ms"] == t.total_ms
+    assert t.total_ms >= t.preprocess_ms + t.vision_ms + t.prefill_ms + sum(t.decode_ms)
     assert out.text == rt.processor.decode(out.token_ids).strip()
     assert out.plan == Plan(3, 6, 7)
 

@@ -103,10 +103,6 @@ class VisionPreprocessConfig:
     def margin_pixels(self) -> int:
         return self.margin_patches * self.image_patch_size
 
-    @property
-    def tokens_per_crop(self) -> int:
-        return self.image_token_length_h * self.image_token_length_w
-
     @classmethod
     def from_folder(cls, folder: str | Path) -> VisionPreprocessConfig:
         """Read ``preprocessor_config.json`` of a checkpoint folder (defaults when it is absent).

@@ -59,21 +59,6 @@ class Timings:
     decode_ms: list[float] = field(default_factory=list)  # one entry per decode forward, in order
     total_ms: float = 0.0
 
-    @property
-    def decode_total_ms(self) -> float:
-        return float(sum(self.decode_ms))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "preprocess_ms": self.preprocess_ms,
-            "vision_ms": self.vision_ms,
-            "prefill_ms": self.prefill_ms,
-            "stage2_ms": self.stage2_ms,
-            "decode_ms": list(self.decode_ms),
-            "decode_total_ms": self.decode_total_ms,
-            "total_ms": self.total_ms,
-        }
-
 
 @dataclass
 class Execution:
