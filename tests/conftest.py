@@ -85,3 +85,11 @@ def lmms_env(tmp_path_factory: pytest.TempPathFactory):
         cwd.mkdir()
         mp.chdir(cwd)
         yield cwd
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_digest_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Checkpoint fingerprints cache file digests under $LMMS_ADAPTIVE_CACHE: a scratch one for the tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LMMS_ADAPTIVE_CACHE", str(tmp_path_factory.mktemp("digest_cache")))
+        yield

@@ -368,9 +368,10 @@ def test_wrong_type_names_the_key(raw_config: dict, key: str, value) -> None:
 
 def test_int_is_accepted_for_a_float_key(raw_config: dict) -> None:
     raw_config["rope_theta"] = 500000
-    raw_config["layer_norm_eps"] = 0
+    raw_config["layer_norm_eps"] = 1
     config = MolmoeConfig.from_dict(raw_config)
     assert config.rope_theta == 500000.0 and isinstance(config.rope_theta, float)
+    assert config.layer_norm_eps == 1.0 and isinstance(config.layer_norm_eps, float)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,8 @@ def load_weights(model: MolmoeForCausalLM, folder: str | Path) -> None:
     for name, tensor in iter_tensors(folder):
         found[name] = tensor.shape
         if name in slots and tuple(slots[name].shape) == tuple(tensor.shape):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"weights in {folder}: tensor {name} holds NaN or infinite values")
             pending[name] = tensor
     _check_names(expected, found, folder)
     with torch.no_grad():
@@ -211,19 +214,57 @@ def convert(
 
 
 def fingerprint(folder: str | Path) -> str:
-    """A short identity of a checkpoint: its config plus the names, sizes and leading bytes of its weight files.
+    """The identity of a checkpoint: a digest of its config.json and of the whole content of its weight files.
 
-    Cheap (no full read of a 29 GB file) and stable across copies of the same folder; used to refuse
-    controller artifacts, tables and importance rankings measured on another model.
+    Controller artifacts, profiles and block rankings carry it and are refused for another model, so a
+    checkpoint whose weights changed anywhere is another model. A weight file's digest is cached by its
+    path, size and modification time (`fingerprint_cache_path()`), so a 14 GB checkpoint is read once.
     """
     folder = Path(folder)
     h = hashlib.sha256((folder / "config.json").read_bytes())
     for path in weight_files(folder):
         h.update(path.name.encode())
-        h.update(str(path.stat().st_size).encode())
-        with path.open("rb") as f:
-            h.update(f.read(1 << 20))
+        h.update(_file_digest(path).encode())
     return h.hexdigest()[:16]
+
+
+def fingerprint_cache_path() -> Path:
+    """`$LMMS_ADAPTIVE_CACHE`, else `$XDG_CACHE_HOME/lmms_adaptive`, else `~/.cache/lmms_adaptive`, plus
+    `file_digests.json`."""
+    root = (
+        os.environ.get("LMMS_ADAPTIVE_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmms_adaptive"
+    )
+    return Path(root) / "file_digests.json"
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    cache_path = fingerprint_cache_path()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    entry = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:  # best effort: an unwritable cache only costs the next call a re-read
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        fresh = fresh if isinstance(fresh, dict) else {}
+        fresh[key] = {"stamp": stamp, "sha256": digest}
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(fresh))
+        os.replace(tmp, cache_path)
+    except (OSError, json.JSONDecodeError):
+        log.debug("could not update the digest cache %s", cache_path)
+    return digest
 
 
 def default_checkpoint() -> Path:

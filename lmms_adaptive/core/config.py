@@ -58,7 +58,7 @@ _IGNORED = frozenset(
         "default_inference_len", "do_random_scale", "embedding_dropout", "fix_image_input_idx",
         "float32_attention", "gin_bindings", "image_feature_dropout", "init_cutoff_factor", "init_device",
         "init_fn", "init_std", "initializer_range", "llm_load_path", "loss_token_weighting", "low_cpu_fsdp",
-        "max_position_embeddings", "max_sequence_length", "message_formatting", "mlp_hidden_size",
+        "max_position_embeddings", "message_formatting", "mlp_hidden_size",
         "model_type", "moe_capacity_factor", "moe_interleave", "moe_lbl_in_fp32", "moe_log_expert_assignment",
         "moe_loss_weight", "moe_mlp_impl", "moe_zloss_weight", "new_embedding_init_range", "pad_to",
         "pad_tokenizer", "pad_token_id", "precision", "prompt_override", "prompt_type",
@@ -114,6 +114,7 @@ class MolmoeConfig:
     moe_num_experts: int
     moe_top_k: int
     max_crops: int
+    max_sequence_length: int  # the context: prompt and answer tokens together
     vit_layers: tuple[int, ...]
     vision: VisionConfig
 
@@ -172,6 +173,7 @@ class MolmoeConfig:
             moe_num_experts=reader.get("moe_num_experts", int),
             moe_top_k=reader.get("moe_top_k", int),
             max_crops=reader.get("max_crops", int),
+            max_sequence_length=reader.get("max_sequence_length", int),
             vit_layers=tuple(reader.get("vit_layers", list)),
             vision=vision,
         )
@@ -179,6 +181,23 @@ class MolmoeConfig:
             raise ConfigError(
                 f"{source}: key 'head_dim' = {raw['head_dim']!r} disagrees with d_model / n_heads = {config.head_dim}"
             )
+        for key in ("layer_norm_eps", "rope_theta"):
+            if not getattr(config, key) > 0:  # also false for NaN
+                raise ConfigError(f"{source}: key '{key}' must be > 0, got {getattr(config, key)!r}")
+        if not vision.norm_eps > 0:
+            raise ConfigError(f"{source} [vision_backbone]: key 'image_norm_eps' must be > 0, got {vision.norm_eps!r}")
+        positive = (
+            "d_model",
+            "n_heads",
+            "n_layers",
+            "mlp_ratio",
+            "moe_num_experts",
+            "max_crops",
+            "max_sequence_length",
+        )
+        for key in positive:
+            if getattr(config, key) < 1:
+                raise ConfigError(f"{source}: key '{key}' must be >= 1, got {getattr(config, key)!r}")
         if config.d_model % config.n_heads:
             raise ConfigError(f"{source}: d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
         if not 1 <= config.moe_top_k <= config.moe_num_experts:

@@ -40,6 +40,14 @@ class Plan:
     insert_pos: int = _knob("block after which stage 2 decides top-k and n_blocks", 1)
     renormalize: bool = False
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "knob" in f.metadata and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TypeError(f"plan.{f.name} must be an integer, got {value!r}")
+            if "knob" not in f.metadata and not isinstance(value, bool):
+                raise TypeError(f"plan.{f.name} must be true or false, got {value!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

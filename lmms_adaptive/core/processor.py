@@ -19,6 +19,8 @@ All arrays are numpy; torch is used only for the antialiased bilinear resize.
 from __future__ import annotations
 
 import json
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
 DROPPED = -100
@@ -37,6 +39,11 @@ POOL = 2
 """ViT patches are pooled 2x2 into one LLM token (``image_pooling_h/w`` of MolmoE)."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# What PIL raises on truncated or corrupt image data, depending on the format and where the damage is.
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error)
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -228,10 +235,13 @@ def format_prompt(question: str, style: str | None = None) -> str:
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
-    """Return an image as a writable HxWx3 uint8 array.
+    """Return an image as a writable HxWx3 uint8 array, as a viewer shows it.
 
-    Accepts a PIL image of any mode (converted like ``image.convert("RGB")``, alpha dropped;
-    16-bit greyscale is scaled to 8 bits instead of being clipped) or an HxWx3 uint8 array.
+    A PIL image of any mode is converted like ``image.convert("RGB")`` (alpha dropped), with these
+    exceptions: the EXIF orientation is applied (a portrait photo stays upright); 16-bit greyscale (``I;16*``,
+    and ``I`` / ``F`` images holding values above 255) is scaled from 0..65535 to 8 bits instead of being
+    clipped, and ``F`` images within 0..1 from 0..1; an animated image contributes its first frame. An
+    HxWx3 uint8 array is taken as it is. A file that cannot be decoded raises ValueError.
     """
     if isinstance(image, Image.Image):
         rgb = _pil_to_rgb(image)
@@ -248,18 +258,45 @@ def to_rgb_array(image: Any) -> np.ndarray:
     return rgb
 
 
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.uint32)
-        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+def image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of `to_rgb_array(image)`; for a PIL image without decoding its pixels."""
+    if not isinstance(image, Image.Image):
+        return to_rgb_array(image).shape[:2]
     try:
-        return np.array(image.convert("RGB"))
-    except ValueError as err:
-        raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from err
+        swapped = image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+    except _DECODE_ERRORS as err:
+        raise ValueError(f"the image could not be decoded (truncated or corrupt file?): {err!r}") from err
+    return (image.width, image.height) if swapped else (image.height, image.width)
 
 
-# --------------------------------------------------------------------------- tiling geometry
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    frame = image.tell()
+    try:
+        image.seek(0)
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode in _SIXTEEN_BIT_MODES or upright.mode in ("I", "F"):
+            return _grey_to_rgb(np.asarray(upright, dtype=np.float64), upright.mode)
+        return np.array(upright.convert("RGB"))
+    except _DECODE_ERRORS as err:
+        raise ValueError(f"the image could not be decoded (truncated or corrupt file?): {err!r}") from err
+    finally:
+        image.seek(frame)
+
+
+def _grey_to_rgb(values: np.ndarray, mode: str) -> np.ndarray:
+    """Wide greyscale -> 8 bits: 0..65535 scaled (16-bit data), 0..255 kept, `F` within 0..1 scaled from 0..1."""
+    top = float(values.max()) if values.size else 0.0
+    if mode == "F" and top <= 1.0:
+        scale = 255.0
+    elif mode in _SIXTEEN_BIT_MODES or top > 255.0:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+# --------------------------------------------------------------------------- tiling
 
 
 def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple[int, int]:
@@ -450,6 +487,7 @@ class MolmoeProcessor:
 
     def __init__(self, tokenizer: Tokenizer, vision: VisionPreprocessConfig = DEFAULT_VISION) -> None:
         self.tokenizer = tokenizer
+        tokenizer.encode_special_tokens = True  # text spelling "<im_patch>" is text, never a control id
         self.vision = vision
         self.special = SpecialTokens.from_tokenizer(tokenizer)
 
@@ -459,10 +497,16 @@ class MolmoeProcessor:
         tokenizer_path = Path(folder) / "tokenizer.json"
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_path}")
-        return cls(Tokenizer.from_file(str(tokenizer_path)), VisionPreprocessConfig.from_folder(folder))
+        vision = VisionPreprocessConfig.from_folder(folder)
+        try:
+            return cls(Tokenizer.from_file(str(tokenizer_path)), vision)
+        except Exception as err:  # the tokenizers library raises its own exception type for a bad file
+            raise ValueError(f"{tokenizer_path}: not a usable tokenizer ({err})") from err
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of user text. Special tokens spelled in it are encoded as the text they are, so user
+        text never yields a control id; lone surrogates (not Unicode) become U+FFFD."""
+        return self.tokenizer.encode(_LONE_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` without special tokens; negative ids (padding -1, DROPPED) are skipped."""

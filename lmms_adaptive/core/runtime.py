@@ -23,9 +23,17 @@ import torch
 from torch import Tensor
 
 from lmms_adaptive.core.checkpoint import default_checkpoint, fingerprint, load_model, read_drop_order
+from lmms_adaptive.core.config import ConfigError, MolmoeConfig
 from lmms_adaptive.core.model import KVCache, LayerSchedule, MolmoeForCausalLM
 from lmms_adaptive.core.plan import DeferredPlan, KnobSpace, Plan, RequestFacts
-from lmms_adaptive.core.processor import MolmoeProcessor, ProcessedRequest, crop_count, image_token_count, to_rgb_array
+from lmms_adaptive.core.processor import (
+    MolmoeProcessor,
+    ProcessedRequest,
+    VisionPreprocessConfig,
+    crop_count,
+    image_size,
+    image_token_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +162,9 @@ class AdaptiveMolmoe:
         folder = default_checkpoint() if folder is None else folder
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, device)
-        model = load_model(folder, device, torch_dtype)
         processor = MolmoeProcessor.from_pretrained(folder)
+        check_preprocessor(MolmoeConfig.from_folder(folder), processor.vision, Path(folder))
+        model = load_model(folder, device, torch_dtype)
         model_id = fingerprint(folder)
         log.info("loaded %s on %s (%s)", folder, device, torch_dtype)
         return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder), compile_decode)
@@ -233,6 +242,35 @@ class AdaptiveMolmoe:
         return self._run_head(x, insert_pos, renormalize, self.model.new_cache(x.shape[1] + 1), latency_token)[1]
 
     @torch.inference_mode()
+    def _non_finite_message(self, request: ProcessedRequest, plan: Plan, schedule: LayerSchedule) -> str:
+        """Where a request's computation first holds NaN or infinite values: each stage run again, checked."""
+        model = self.model
+        features, idx = self.vision(request)
+        x = model.embed(torch.as_tensor(request.input_ids, device=self.device)[None], features, idx)
+        rope = self._prompt_rope(x.shape[1])
+        stages = [("the vision encoder's output", features), ("the token embeddings", x)]
+        for block, top_k in schedule.layers:
+            x = model.run_blocks(x, rope, [(block, top_k)], schedule.renormalize)
+            stages.append((f"decoder block {block}", x))
+        stages.append(("the final norm", model.final_norm(x)))
+        where = next((name for name, out in stages if out is not None and not torch.isfinite(out).all()), "the LM head")
+        return (
+            f"non-finite logits under {plan}: the first NaN or infinite values appear in {where} "
+            "(check the checkpoint's weights and config values)"
+        )
+
+    def _room_after(self, request: ProcessedRequest, max_crops: int) -> int:
+        """Positions of the context left after the prompt; a prompt longer than the context is refused."""
+        limit = self.model.config.max_sequence_length
+        if request.n_tokens > limit:
+            raise ValueError(
+                f"the prompt is {request.n_tokens} tokens ({request.n_image_tokens} of them image tokens at max_crops "
+                f"{max_crops}), over the model's context of {limit} (config.json max_sequence_length): "
+                "ask for fewer crops or a shorter question"
+            )
+        return limit - request.n_tokens
+
+    @torch.inference_mode()
     def run(
         self,
         request: ProcessedRequest,
@@ -241,11 +279,14 @@ class AdaptiveMolmoe:
         schedule: LayerSchedule | None = None,
     ) -> Generation:
         """Execute an already preprocessed request with `plan` (its max_crops must match the request's).
-        `schedule` overrides a Plan's decoder schedule (analysis only, e.g. removing a single block)."""
+        `schedule` overrides a Plan's decoder schedule (analysis only, e.g. removing a single block).
+        Generation stops at the end of the model's context (stop reason "length"); a prompt longer than the
+        context is refused."""
         gen = gen or GenerationConfig()
         if schedule is not None and isinstance(plan, DeferredPlan):
             raise ValueError("a schedule override needs a complete Plan, not a DeferredPlan")
         clock, model, dev = self.clock, self.model, self.device
+        max_new_tokens = min(gen.max_new_tokens, self._room_after(request, plan.max_crops) + 1)
         timings = Timings()
         t0 = clock.now()
 
@@ -255,7 +296,7 @@ class AdaptiveMolmoe:
 
         n_prompt = x.shape[1]
         rope = self._prompt_rope(n_prompt)
-        cache = model.new_cache(n_prompt + gen.max_new_tokens)
+        cache = model.new_cache(n_prompt + max_new_tokens)
         done = 0  # schedule entries already run over the prompt
         if isinstance(plan, DeferredPlan):
             x, hidden = self._run_head(x, plan.insert_pos, plan.renormalize, cache, plan.latency_token)
@@ -272,6 +313,8 @@ class AdaptiveMolmoe:
         rng = torch.Generator().manual_seed(gen.seed) if gen.do_sample else None
         eos = self.processor.special.eos
         first_logits = logits.cpu()
+        if not torch.isfinite(first_logits).all():
+            raise FloatingPointError(self._non_finite_message(request, plan, schedule))
         step_logits = [first_logits] if gen.keep_step_logits else None
         tokens: list[int] = []
         text, stop_reason = "", "length"
@@ -287,7 +330,7 @@ class AdaptiveMolmoe:
                 if cut is not None:
                     text, stop_reason = text[:cut], "stop"
                     break
-            if len(tokens) >= gen.max_new_tokens:
+            if len(tokens) >= max_new_tokens:
                 break
             t_step = clock.now()
             position = torch.tensor([cache.length], device=dev)
@@ -330,6 +373,11 @@ class AdaptiveMolmoe:
         timings = Timings()
         start = clock.now()
         request = self.processor(question, images, max_crops=plan.max_crops, style=style)
+        if self._room_after(request, plan.max_crops) < len(continuation):
+            raise ValueError(
+                f"score: the prompt ({request.n_tokens} tokens) and the continuation ({len(continuation)}) exceed the "
+                f"model's context of {self.model.config.max_sequence_length} tokens"
+            )
         t0 = clock.now()
         features, idx = self.vision(request)
         t1 = clock.now()
@@ -405,11 +453,16 @@ def compiled_decode(model: MolmoeForCausalLM) -> Callable[..., Tensor]:
     return torch.compile(model.decode_token, mode=mode, fullgraph=True, dynamic=False)
 
 
-def image_size(image: Any) -> tuple[int, int]:
-    """(height, width) without decoding pixels for PIL images."""
-    if hasattr(image, "size") and hasattr(image, "mode"):
-        return image.height, image.width
-    return to_rgb_array(image).shape[:2]
+def check_preprocessor(config: MolmoeConfig, vision: VisionPreprocessConfig, folder: Path) -> None:
+    """The checkpoint's preprocessor_config.json must cut the crops its ViT was built for."""
+    patches = vision.crop_patches**2
+    found = {"image_patch_size": vision.image_patch_size, "patches per crop + 1": patches + 1}
+    wanted = {"image_patch_size": config.vision.patch_size, "patches per crop + 1": config.vision.n_positions}
+    if found != wanted:
+        raise ConfigError(
+            f"{folder / 'preprocessor_config.json'} ({found}) disagrees with the ViT of {folder / 'config.json'} "
+            f"(vision_backbone image_patch_size / image_num_pos: {wanted})"
+        )
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
