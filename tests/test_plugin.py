@@ -110,8 +110,8 @@ def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch)
     ("args", "message"),
     [
         ("colour=red", "unknown model_args colour"),
-        ("budget=0", "budget must be a positive"),
-        ("budget=-1", "budget must be a positive"),
+        ("budget=0", "budget must be a finite positive number"),
+        ("budget=-1", "budget must be a finite positive number"),
         ("top_k=9", "top_k must be an integer in 1..8"),
         ("top_k=0", "top_k must be an integer in 1..8"),
         ("tier=ultra", "tier must be one of low, medium, high"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,15 @@ from lmms_adaptive.controllers.static import StaticController
 from lmms_adaptive.core.plan import TIER_NAMES, Plan
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord, summarize, summarize_by_task
-from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, Request, Served, generation_config, serve, task_style
+from lmms_adaptive.serving.request import (
+    DEFAULT_MAX_NEW_TOKENS,
+    Request,
+    Served,
+    generation_config,
+    is_number,
+    serve,
+    task_style,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,11 @@ MODEL_ARGS = (
 
 class ModelArgError(ValueError):
     """A bad `--model_args` value; the message names the argument and the valid choices."""
+
+
+class RequestError(ValueError):
+    """A request that cannot be served (an undecodable image, a prompt longer than the context, non-finite
+    logits): the run stops with the task and doc id; the records written so far stay."""
 
 
 class AdaptiveMolmoeLMM(lmms):
@@ -73,8 +88,9 @@ class AdaptiveMolmoeLMM(lmms):
             raise ModelArgError(
                 f"adaptive_molmoe: unknown model_args {', '.join(sorted(unknown))}; valid: {', '.join(MODEL_ARGS)}"
             )
-        if budget is not None and (not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0):
-            raise ModelArgError(f"budget must be a positive number of milliseconds per request, got {budget!r}")
+        if budget is not None and not (is_number(budget) and math.isfinite(budget) and budget > 0):
+            raise ModelArgError(f"budget must be a finite positive number of milliseconds per request, got {budget!r}")
+        renormalize, warmup = _bool("renormalize", renormalize), _bool("warmup", warmup)
         if str(batch_size) not in ("1", "auto"):
             log.warning(
                 "adaptive_molmoe runs requests at batch size 1 (the budget is per request); batch_size=%s ignored",
@@ -141,7 +157,7 @@ class AdaptiveMolmoeLMM(lmms):
             raise ModelArgError(
                 f"blocks must be in {options.start}..{options.stop - 1} for insert_pos {insert_pos}, got {n!r}"
             )
-        return StaticController(Plan(crops, k, n, insert_pos, bool(renormalize)), knobs)
+        return StaticController(Plan(crops, k, n, insert_pos, renormalize), knobs)
 
     def _artifact_controller(self, name: str) -> Controller:
         """`controller=<kind>`: the artifact of that kind made for this model; else `controller=<path>`."""
@@ -157,9 +173,10 @@ class AdaptiveMolmoeLMM(lmms):
     def _writer_for(self, request: Instance) -> RecordWriter:
         """Open the record file: `log_dir`, else next to the CLI's --output_path, else ./logs/adaptive_molmoe."""
         if self._writer is None:
-            folder = self._log_dir or _cli_output_path(request) or DEFAULT_LOG_DIR
-            stamp = time.strftime("%Y%m%d_%H%M%S")
-            self._writer = RecordWriter(Path(folder) / f"adaptive_molmoe_{stamp}_rank{self.rank}.jsonl")
+            folder = Path(self._log_dir or _cli_output_path(request) or DEFAULT_LOG_DIR)
+            self._writer = RecordWriter(
+                unique_path(folder, f"adaptive_molmoe_{time.strftime('%Y%m%d_%H%M%S')}_rank{self.rank}")
+            )
             log.info("adaptive_molmoe: request records -> %s", self._writer.path)
         return self._writer
 
@@ -193,7 +210,7 @@ class AdaptiveMolmoeLMM(lmms):
             "budget_ms": self.budget,
         }
         path = self._writer.path.with_suffix(".summary.json")
-        path.write_text(json.dumps(summary, indent=2))
+        path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -206,15 +223,18 @@ class AdaptiveMolmoeLMM(lmms):
             continuation = continuation(doc)
         if isinstance(continuation, list):
             continuation = continuation[0]
-        served = serve(
-            self.rt,
-            self.controller,
-            Request(
-                question=context, images=tuple(images), budget_ms=self.budget, gen=gen,
-                style=task_style(task, self.style), continuation=None if continuation is None else str(continuation),
-                task=task, doc_id=int(doc_id), split=split,
-            ),
-        )  # fmt: skip
+        try:
+            served = serve(
+                self.rt,
+                self.controller,
+                Request(
+                    question=context, images=tuple(images), budget_ms=self.budget, gen=gen,
+                    style=task_style(task, self.style), continuation=None if continuation is None else str(continuation),
+                    task=task, doc_id=int(doc_id), split=split,
+                ),
+            )  # fmt: skip
+        except (ValueError, FloatingPointError) as err:
+            raise RequestError(f"adaptive_molmoe: {task} doc {doc_id} ({split}) cannot be served: {err}") from err
         self._record(request, served.record)
         return served
 
@@ -228,16 +248,39 @@ class AdaptiveMolmoeLMM(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        records_before = len(self._records)
         gen = GenerationConfig(max_new_tokens=1)  # nothing is generated: a controller sees one token to come
-        return [
+        scores = [
             self._serve(r, gen, continuation=r.args[1]).loglikelihood
             for r in tqdm(requests, desc="adaptive_molmoe loglikelihood", disable=self.rank != 0)
         ]
+        self._report(self._records[records_before:])
+        return scores
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(
             "adaptive_molmoe does not support multi-round generation (generate_until_multi_round)"
         )
+
+
+def unique_path(folder: Path, stem: str) -> Path:
+    """`folder/stem_pid<pid>.jsonl`, created empty and new (never shared with another run or process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        path = folder / f"{stem}_pid{os.getpid()}{f'_{n}' if n else ''}.jsonl"
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def _bool(name: str, value: Any) -> bool:
+    """true/false (lmms-eval passes them as booleans) or 1/0; anything else is an error, not truthiness."""
+    if value in (True, False) and not isinstance(value, float):
+        return bool(value)
+    raise ModelArgError(f"{name} must be true or false (or 1 / 0), got {value!r}")
 
 
 def _positive_int(name: str, value: Any) -> int:

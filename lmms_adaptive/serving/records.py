@@ -63,7 +63,8 @@ class RequestRecord:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        """Strict JSON: a non-finite number (which JSON cannot hold) raises instead of writing NaN."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RequestRecord:
@@ -82,15 +83,24 @@ class RequestRecord:
 
 
 class RecordWriter:
-    """Appends whole JSON lines and flushes each one, so an interrupted run leaves a readable file."""
+    """Appends whole JSON lines and flushes each one, so an interrupted run leaves a readable file. A file
+    that ends in a torn line (a writer killed mid-line) is cut back to its last whole line first, so the
+    next record does not fuse with the torn one."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("a+b")
+        end = self._file.seek(0, 2)
+        if end:
+            self._file.seek(max(0, end - (1 << 20)))
+            tail = self._file.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                self._file.truncate(end - len(tail) + cut + 1 if cut >= 0 else max(0, end - len(tail)))
 
     def write(self, record: RequestRecord) -> None:
-        self._file.write(record.to_json() + "\n")
+        self._file.write((record.to_json() + "\n").encode("utf-8"))
         self._file.flush()
 
     def close(self) -> None:

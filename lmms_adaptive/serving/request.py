@@ -11,6 +11,7 @@ facts are computed, to its last token (controller stages and preprocessing inclu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,11 @@ TASK_STYLES = (
     ("textvqa", "text_vqa"), ("vqav2", "vqa2"), ("docvqa", "doc_qa"), ("chartqa", "chart_qa"),
     ("ai2d", "ai2_diagram"), ("scienceqa", "science_qa"), ("mme", "vqa2"), ("pope", "vqa2"),
 )  # fmt: skip
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (True is an int to Python, not a number of milliseconds)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def task_style(task: str, style: str) -> str | None:
@@ -67,6 +73,11 @@ class Request:
     task: str = ""
     doc_id: int = -1
     split: str = ""
+
+    def __post_init__(self) -> None:
+        budget = self.budget_ms
+        if budget is not None and not (is_number(budget) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget_ms must be a finite number of milliseconds > 0, got {budget!r}")
 
 
 @dataclass(frozen=True)
