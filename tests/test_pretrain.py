@@ -16,6 +16,7 @@ from lmms_adaptive.core.config import MolmoeConfig
 from lmms_adaptive.core.plan import KnobSpace
 from lmms_adaptive.core.processor import MolmoeProcessor
 from lmms_adaptive.default import pretrain, synthetic
+from lmms_adaptive.tools.runlog import read_rows, write_rows
 
 QUICK = pretrain.PretrainConfig(
     steps=6,
@@ -208,6 +209,14 @@ def test_the_decoder_stage_leaves_a_frozen_vision_backbone_as_the_vision_stage_l
     shorter = load_model(pretrain.train(tmp_path / "b", dataclasses.replace(QUICK, steps=2))).state_dict()
     assert all(torch.equal(longer[n], shorter[n]) for n in longer if "vision_backbone" in n)
     assert not torch.equal(longer["model.transformer.wte.embedding"], shorter["model.transformer.wte.embedding"])
+
+
+def test_logs_written_before_the_first_save_are_dropped_on_resume(tmp_path: Path) -> None:
+    run = pretrain.RunDir(tmp_path)
+    for path in (run.vision_metrics, run.metrics, run.eval):
+        write_rows(path, [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.9}], ["step", "loss"])
+    assert run.load_state({}, vision_steps=5) == 0  # no state saved: the run starts over
+    assert all(read_rows(path) == [] for path in (run.vision_metrics, run.metrics, run.eval))
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:

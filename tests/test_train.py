@@ -100,11 +100,12 @@ def test_short_run_writes_artifact_logs_and_eval(tmp_path: Path, lmms_env, rt: A
         read_artifact(artifact_path, "another-model", rt.knobs)
 
 
+@pytest.mark.parametrize("save_every", [1, 5], ids=["saved before the interrupt", "interrupted before any save"])
 def test_interrupted_run_resumes_without_lost_or_repeated_steps(
-    tmp_path: Path, lmms_env, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, lmms_env, monkeypatch: pytest.MonkeyPatch, save_every: int
 ) -> None:
     out = tmp_path / "run"
-    cfg = TrainConfig(**{**SHORT, "eval_tasks": ()})
+    cfg = TrainConfig(**{**SHORT, "eval_tasks": (), "save_every": save_every})
     advance = GRPORun.advance
 
     def interrupted(self: GRPORun):
@@ -115,14 +116,18 @@ def test_interrupted_run_resumes_without_lost_or_repeated_steps(
     monkeypatch.setattr(GRPORun, "advance", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(out, cfg, device="cpu")
-    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2 and not (out / "controller.json").exists()
+    if save_every == 1:
+        assert torch.load(out / "state.pt", weights_only=True)["step"] == 2
+    else:  # two steps logged, none saved: the resumed run starts over and logs each step once
+        assert not (out / "state.pt").exists() and len(list(csv.DictReader((out / "metrics.csv").open()))) == 2
+    assert not (out / "controller.json").exists()
     monkeypatch.setattr(GRPORun, "advance", advance)
     train(out, cfg, device="cpu")
     with (out / "metrics.csv").open() as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 1, 2]
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 3
     with pytest.raises(ValueError, match="other settings"):
-        train(out, TrainConfig(**{**SHORT, "eval_tasks": (), "lr": 0.5}), device="cpu")
+        train(out, TrainConfig(**{**SHORT, "eval_tasks": (), "save_every": save_every, "lr": 0.5}), device="cpu")
 
 
 @pytest.mark.slow

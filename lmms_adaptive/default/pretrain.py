@@ -64,7 +64,15 @@ from lmms_adaptive.core.processor import (
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 from lmms_adaptive.default import synthetic
 from lmms_adaptive.default.tiny import build_tiny
-from lmms_adaptive.tools.runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
+from lmms_adaptive.tools.runlog import (
+    check_settings,
+    exclusive,
+    plot_with_mean,
+    read_rows,
+    save_atomic,
+    truncate_csv,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -674,17 +682,17 @@ class RunDir:
         save_atomic({"step": step, **{name: m.state_dict() for name, m in modules.items()}}, self.state)
 
     def load_state(self, modules: dict[str, torch.nn.Module | torch.optim.Optimizer], vision_steps: int) -> int:
-        """Restore the last saved step (0 if none) and drop log rows written after it."""
-        if not self.state.is_file():
-            return 0
-        state = torch.load(self.state, map_location="cpu", weights_only=True)
-        for name, m in modules.items():
-            m.load_state_dict(state[name])
-        step = int(state["step"])
+        """Restore the last saved step (0 if none) and drop log rows written after it (all of them without one)."""
+        step = 0
+        if self.state.is_file():
+            state = torch.load(self.state, map_location="cpu", weights_only=True)
+            for name, m in modules.items():
+                m.load_state_dict(state[name])
+            step = int(state["step"])
+            log.info("resuming %s at step %d", self.root, step)
         truncate_csv(self.vision_metrics, step)
         for path in (self.metrics, self.eval):
             truncate_csv(path, step - vision_steps)
-        log.info("resuming %s at step %d", self.root, step)
         return step
 
 
@@ -754,9 +762,14 @@ def train_vision(
 
 
 def train(out: Path, cfg: PretrainConfig, device: str = "cpu") -> Path:
-    """Train (or resume) the run in `out` on `device` (fp32); returns the exported checkpoint folder."""
+    """Train (or resume) the run in `out` on `device` (fp32); returns the exported checkpoint folder. One
+    process at a time per run folder: a second one is refused (`runlog.FolderInUse`)."""
+    with exclusive(out, "pretrain"):
+        return _train(RunDir(out), cfg, device)
+
+
+def _train(run: RunDir, cfg: PretrainConfig, device: str) -> Path:
     torch.manual_seed(cfg.seed)
-    run = RunDir(out)
     run.prepare(cfg)
     model = load_model(run.init, torch.device(device), torch.float32).requires_grad_(True).train()
     heads = SceneHeads(model.config.d_model).to(device)

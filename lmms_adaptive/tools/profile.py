@@ -33,6 +33,7 @@ from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord, read_records
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, serve
+from lmms_adaptive.tools.runlog import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +192,21 @@ def sweep(
     repeats: int = 1,
 ) -> Path:
     """Measure every (sample, plan) not yet in `out` (`repeats` times each, see `measure`); returns the
-    compacted Parquet file."""
-    store = ProfileStore(out, rt.model_id, rt.knobs)
+    compacted Parquet file. One process at a time per folder: a second one is refused (`runlog.FolderInUse`)."""
+    with exclusive(out, "profile"):
+        return _sweep(rt, samples, plans, ProfileStore(out, rt.model_id, rt.knobs), max_new_tokens, style, repeats)
+
+
+def _sweep(
+    rt: AdaptiveMolmoe,
+    samples: Sequence[TaskSample],
+    plans: Sequence[Plan],
+    store: ProfileStore,
+    max_new_tokens: int,
+    style: str,
+    repeats: int,
+) -> Path:
+    out = store.folder
     todo = [(s, p) for s in samples for p in plans if (s.task, s.doc_id, p.key) not in store.done]
     log.info("profile: %d rows to measure (%d already in %s)", len(todo), len(samples) * len(plans) - len(todo), out)
     if todo:

@@ -1,17 +1,41 @@
-"""Run folders of the resumable training commands: the settings a run was started with, CSV logs cut
-back to the saved step on resume, and atomic state files."""
+"""Run folders of the resumable commands: one process at a time per folder, the settings a run was started
+with, CSV logs cut back to the saved step on resume, and atomic state files."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the run folder."""
+
+
+@contextmanager
+def exclusive(folder: Path, command: str) -> Iterator[None]:
+    """Hold `folder` for this process (a lock file inside it) while the block runs; a second process asking
+    for the same folder is refused at once instead of writing beside the first one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FolderInUse(
+            f"{folder} is in use by another {command} process: wait for it, or use another folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_settings(path: Path, wanted: Mapping[str, Any]) -> None:

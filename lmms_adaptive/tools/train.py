@@ -47,7 +47,15 @@ from lmms_adaptive.integration.tasks import TaskSample, load_samples
 from lmms_adaptive.serving.records import RequestRecord, summarize
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, Request, serve
 from lmms_adaptive.tools.grpo import GRPOConfig, GRPORun, Penalty, StepStats
-from lmms_adaptive.tools.runlog import check_settings, plot_with_mean, read_rows, save_atomic, truncate_csv, write_rows
+from lmms_adaptive.tools.runlog import (
+    check_settings,
+    exclusive,
+    plot_with_mean,
+    read_rows,
+    save_atomic,
+    truncate_csv,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +286,14 @@ class RunFolder:
 
 
 def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Path:
-    """Train (or resume) the run in `out`, write the artifact, evaluate it; returns the artifact path."""
-    run = RunFolder(out)
+    """Train (or resume) the run in `out`, write the artifact, evaluate it; returns the artifact path. One
+    process at a time per run folder: a second one is refused (`runlog.FolderInUse`)."""
+    with exclusive(out, "python -m lmms_adaptive.train"):
+        return _train(RunFolder(out), cfg, device, dtype)
+
+
+def _train(run: RunFolder, cfg: TrainConfig, device: str | None, dtype: str | None) -> Path:
+    out = run.root
     rt = AdaptiveMolmoe.from_pretrained(cfg.pretrained, device=device, dtype=dtype)
     samples = load_samples(cfg.tasks, cfg.include_path, cfg.limit, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,8 +305,8 @@ def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | N
     trainer = GRPORun(policy, env, grpo_cfg, cfg.steps)
     if run.state.is_file():
         trainer.load_state_dict(torch.load(run.state, weights_only=True))
-        truncate_csv(run.metrics, trainer.step)
         log.info("resuming %s at step %d", out, trainer.step)
+    truncate_csv(run.metrics, trainer.step)  # rows logged after the saved state (all of them without one)
     if not trainer.done:
         rt.warmup([rt.knobs.full_plan(c) for c in rt.knobs.tiers])
     elapsed = float(read_rows(run.metrics)[-1]["seconds"]) if run.metrics.is_file() and trainer.step else 0.0
