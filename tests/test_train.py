@@ -50,6 +50,8 @@ def test_settings_defaults_yaml_then_flags(tmp_path: Path) -> None:
         ("", {"steps": "many"}, "setting steps='many'"),
         ("", {"budget_range_ms": "300,100"}, "0 < LOW < HIGH"),
         ("", {"group_size": "1"}, "group_size must be >= 2"),
+        ("", {"lr": "nan"}, "lr must be finite, got nan"),
+        ("", {"eval_budgets_ms": "100,inf"}, r"eval_budgets_ms must be finite, got \(100.0, inf\)"),
         ("- a\n- b\n", {}, "expected a mapping"),
     ],
 )

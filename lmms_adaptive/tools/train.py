@@ -102,6 +102,10 @@ class TrainConfig:
             raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
         if not self.tasks:
             raise ValueError("tasks: name at least one lmms-eval task to train on")
+        numbers = {f.name: getattr(self, f.name) for f in fields(self) if f.type in ("float", "tuple[float, ...]")}
+        for name, value in numbers.items():
+            if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{name} must be finite, got {value}")
 
     def grpo(self) -> GRPOConfig:
         low, high = self.budget_range_ms
