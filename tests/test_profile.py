@@ -112,7 +112,7 @@ def test_parquet_round_trips_every_field(rt, tmp_path: Path) -> None:
         make_record(
             plan=Plan(3, 4, 6, renormalize=True), decode_ms=[1.0, 2.5], controller={"kind": "static", "x": [1]}
         ),
-        make_record(doc_id=1, budget_ms=50.0, violated=True, score=None, decode_ms=[]),
+        make_record(doc_id=1, budget_ms=50.0, violated=True, score=None, decode_ms=[], question_type="read"),
     ]
     store = profile.ProfileStore(tmp_path, rows[0].model_fingerprint, rt.knobs)
     for row in rows:

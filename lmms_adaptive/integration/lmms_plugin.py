@@ -30,6 +30,7 @@ from lmms_adaptive.controllers.base import Controller
 from lmms_adaptive.controllers.static import StaticController
 from lmms_adaptive.core.plan import TIER_NAMES, Plan
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
+from lmms_adaptive.integration.tasks import question_type
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord, summarize, summarize_by_task
 from lmms_adaptive.serving.request import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -230,7 +231,7 @@ class AdaptiveMolmoeLMM(lmms):
                 Request(
                     question=context, images=tuple(images), budget_ms=self.budget, gen=gen,
                     style=task_style(task, self.style), continuation=None if continuation is None else str(continuation),
-                    task=task, doc_id=int(doc_id), split=split,
+                    task=task, doc_id=int(doc_id), split=split, question_type=question_type(doc),
                 ),
             )  # fmt: skip
         except (ValueError, FloatingPointError) as err:

@@ -42,7 +42,14 @@ class TaskSample:
             task=self.task,
             doc_id=self.doc_id,
             split=self.split,
+            question_type=question_type(self.doc),
         )
+
+
+def question_type(doc: Any) -> str | None:
+    """A doc's question type: its `qtype` field (the synthetic suite's tasks have one), else None."""
+    value = doc.get("qtype") if isinstance(doc, dict) else None
+    return None if value is None else str(value)
 
 
 def primary_score(task_obj: Any, doc: Any, answer: str) -> float:

@@ -18,7 +18,7 @@ import numpy as np
 
 from lmms_adaptive.core.plan import KNOBS, Plan
 
-RECORD_VERSION = 3  # 3: facts_ms, n_text_tokens, image_pixels, max_new_tokens, answer, score, repeats
+RECORD_VERSION = 3  # 3: question_type, facts_ms, n_text_tokens, image_pixels, max_new_tokens, answer, score, repeats
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class RequestRecord:
     task: str
     doc_id: int
     split: str
+    question_type: str | None  # the doc's `qtype` where the task has one (the synthetic suite)
     request_type: str  # "generate_until" | "loglikelihood"
     controller: dict[str, Any]  # Controller.describe()
     budget_ms: float | None
@@ -74,7 +75,8 @@ class RequestRecord:
             )
         names = {f.name for f in fields(cls)}
         if set(d) != names:
-            raise ValueError(f"a request record needs exactly the fields {sorted(names)}, got {sorted(d)}")
+            missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
+            raise ValueError(f"not a version {RECORD_VERSION} request record: missing {missing}, unknown {unknown}")
         return cls(**{**d, "plan": Plan(**d["plan"])})
 
     @property

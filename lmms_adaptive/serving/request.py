@@ -62,7 +62,7 @@ def generation_config(gen_kwargs: dict[str, Any], default_max_new_tokens: int) -
 @dataclass(frozen=True)
 class Request:
     """One request as it arrives. `continuation` set: score that text after the prompt (loglikelihood)
-    instead of generating. `task`, `doc_id` and `split` only identify the request in its record."""
+    instead of generating. `task`, `doc_id`, `split` and `question_type` only identify the request in its record."""
 
     question: str
     images: Sequence[Any] = ()
@@ -73,6 +73,7 @@ class Request:
     task: str = ""
     doc_id: int = -1
     split: str = ""
+    question_type: str | None = None
 
     def __post_init__(self) -> None:
         budget = self.budget_ms
@@ -119,6 +120,7 @@ def serve(rt: AdaptiveMolmoe, controller: Controller, request: Request) -> Serve
         task=request.task,
         doc_id=request.doc_id,
         split=request.split,
+        question_type=request.question_type,
         request_type="generate_until" if generated else "loglikelihood",
         controller=controller.describe(),
         budget_ms=request.budget_ms,

@@ -71,7 +71,8 @@ def _arrow_schema():
 
     plan = pa.struct([(f.name, pa.bool_() if f.type == "bool" else pa.int64()) for f in fields(Plan)])
     types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_(),
-             "float | None": pa.float64(), "bool | None": pa.bool_(), "list[float]": pa.list_(pa.float64()),
+             "float | None": pa.float64(), "bool | None": pa.bool_(), "str | None": pa.string(),
+             "list[float]": pa.list_(pa.float64()),
              "Plan": plan, "dict[str, Any]": pa.string()}  # fmt: skip
     return pa.schema([(f.name, types[f.type]) for f in fields(RequestRecord)])
 

@@ -43,11 +43,10 @@ from lmms_adaptive.core.plan import Plan
 from lmms_adaptive.serving.records import RequestRecord, read_records, summarize
 from lmms_adaptive.tools.lookup import oracle_summary
 from lmms_adaptive.tools.profile import read_profile
-from lmms_adaptive.tools.results import latest_results
+from lmms_adaptive.tools.results import RECORDS_DIR, latest_results, primary_metric
 
 log = logging.getLogger(__name__)
 
-RECORDS_DIR = "adaptive_molmoe"  # the plugin's record folder under lmms-eval's --output_path
 RUN_MANIFEST = "run.json"  # written by `compare`: the controller name given on its command line
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 ORACLE = "oracle"
@@ -71,34 +70,6 @@ class RunResult:
     controller: str  # label: "static[crops12_k8_b16_p1]", "lookup", ... or the name given to `compare`
     budget_ms: float | None
     tasks: dict[str, TaskRun]
-
-
-def primary_metric(task_results: dict[str, Any]) -> tuple[str, float] | None:
-    """The main score of one `results[task]` entry of lmms-eval, as (name, value).
-
-    Rule: the first numeric `metric,filter` entry in lmms-eval's order (the task YAML's `metric_list`
-    order, whose first metric is the task's headline: exact_match, pope_accuracy, ...), leaving out
-    stderr entries, `alias`, and textvqa's `submission` (a file, not a score). MME is the exception:
-    its headline is the total, perception + cognition, reported as `mme_total_score`.
-    The name drops the filter when it is `none`. None when the entry has no score.
-    """
-    scores = {
-        key: float(value)
-        for key, value in task_results.items()
-        if "," in key
-        and "_stderr" not in key
-        and key.split(",")[0] != "submission"
-        and isinstance(value, int | float)
-        and not isinstance(value, bool)
-    }
-    parts = ("mme_perception_score,none", "mme_cognition_score,none")
-    if all(p in scores for p in parts):
-        return "mme_total_score", sum(scores[p] for p in parts)
-    if not scores:
-        return None
-    key, value = next(iter(scores.items()))
-    name, filt = key.split(",", 1)
-    return (name if filt == "none" else key), value
 
 
 def controller_label(description: dict[str, Any]) -> str:
