@@ -4,7 +4,7 @@ on hand-made profile rows."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -390,7 +390,7 @@ def test_oracle_summary_matches_hand_computation() -> None:
         {LOW: [(0.0, 40.0), (1.0, 50.0), (0.0, 120.0)], HIGH: [(1.0, 200.0), (1.0, 210.0), (1.0, 300.0)]}, task="a"
     )
     rows += sweep({LOW: [(1.0, 30.0)]}, task="b")
-    summary = lookup.oracle_summary(rows, [100.0, 250.0])
+    summary = [s for s in lookup.oracle_summary(rows, [100.0, 250.0]) if s.name == "oracle"]
     assert [(s.task, s.budget_ms, s.n_samples) for s in summary] == [
         ("a", 100.0, 3),
         ("a", 250.0, 3),
@@ -411,6 +411,30 @@ def test_oracle_summary_matches_hand_computation() -> None:
     assert a250.violation_rate == 0.0
     assert a250.knobs == pytest.approx({"max_crops": 6.0, "top_k": 16 / 3, "n_blocks": 40 / 3, "insert_pos": 1.0})
     assert (b100.score, b100.latency_mean_ms, b100.latency_p95_ms, b100.violation_rate) == (1.0, 30.0, 30.0, 0.0)
+
+
+def test_the_type_oracle_takes_one_table_per_question_type() -> None:
+    color = [
+        replace(r, question_type="color")
+        for r in sweep({LOW: [(1.0, 40.0), (1.0, 50.0)], HIGH: [(1.0, 200.0), (1.0, 210.0)]})
+    ]
+    read = [
+        replace(r, doc_id=r.doc_id + 2, question_type="read")
+        for r in sweep({LOW: [(0.0, 60.0), (0.0, 70.0)], HIGH: [(1.0, 220.0), (0.0, 230.0)]})
+    ]  # fmt: skip
+    rows = color + read
+
+    def picks(budget: float) -> list[tuple[int, Plan, bool]]:
+        return [(c.row.doc_id, c.row.plan, c.violated) for c in lookup.type_oracle(rows, budget, latency_stat="mean")]
+
+    # colour: both plans score 1, LOW is faster; reading: HIGH scores 0.5 against 0 but costs 225 ms on average
+    assert picks(300.0) == [(0, LOW, False), (1, LOW, False), (2, HIGH, False), (3, HIGH, False)]
+    assert picks(100.0) == [(0, LOW, False), (1, LOW, False), (2, LOW, False), (3, LOW, False)]
+    assert picks(225.0) == [(0, LOW, False), (1, LOW, False), (2, HIGH, False), (3, HIGH, True)]  # 230 > 225
+    by_name = {s.name: s for s in lookup.oracle_summary(rows, [300.0])}
+    assert set(by_name) == {"oracle", "oracle per question type"}
+    assert by_name["oracle per question type"].score == pytest.approx(0.75)
+    assert by_name["oracle"].score == pytest.approx(0.75)  # the per-sample bound: doc 3 scores 0 either way
 
 
 # -- CLI ----------------------------------------------------------------------------------------------

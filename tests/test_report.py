@@ -248,7 +248,13 @@ def test_report_cli_with_profile_and_oracle(runs_parent: Path, tmp_path: Path, m
         "report_synth_vqa_test.md",
     ]
     with (out / "report_synth_vqa_test.csv").open() as f:
-        oracle = [r for r in csv.DictReader(f) if r["source"] == "oracle"]
+        rows = list(csv.DictReader(f))
+    oracle = [r for r in rows if r["controller"] == "oracle"]
+    # no question types in this profile: one lookup table (p90) per task picks the low plan at 50 ms
+    by_type = [
+        (float(r["budget_ms"]), float(r["score"])) for r in rows if r["controller"] == "oracle per question type"
+    ]
+    assert by_type == [(50.0, 0.25), (200.0, 1.0)]
     # 50 ms: doc 0 keeps the full plan (score 1, 50 ms); doc 1's full plan (60 ms) is over budget, its
     # low plan (score 0.5, 11 ms) fits. 200 ms: both keep the full plan. Means over the 2 samples.
     got = [[float(r[k]) for k in ("budget_ms", "score", "latency_mean_ms", "latency_p95_ms", "violation_rate_pct",
@@ -258,7 +264,10 @@ def test_report_cli_with_profile_and_oracle(runs_parent: Path, tmp_path: Path, m
         pytest.approx([200.0, 1.0, 55.0, 59.5, 0.0, 12.0, 8.0, 8.0, 2]),
     ]
     md = (out / "report_synth_vqa_test.md").read_text()
-    assert md.endswith("| oracle (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | 12.00 | 8.00 | 8.00 | 2 |\n")
+    assert "| oracle (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | 12.00 | 8.00 | 8.00 | 2 |\n" in md
+    assert md.endswith(
+        "| oracle per question type (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | 12.00 | 8.00 | 8.00 | 2 |\n"
+    )
     assert (out / "report_synth_vqa_test.png").stat().st_size > 0
 
 

@@ -4,8 +4,10 @@
     python -m lmms_adaptive.tools.lookup build PROFILE_DIR --out controllers/NAME.json --request-aware --estimator EST.json
     python -m lmms_adaptive.tools.lookup show controllers/NAME.json --budgets 50,100,200
 
-`build_table` turns profile rows into the `controllers.lookup.LookupTable` the lookup controller picks from;
-`oracle` is the upper bound for comparison tables: per sample, the best plan that fitted when measured.
+`build_table` turns profile rows into the `controllers.lookup.LookupTable` the lookup controller picks from.
+Two oracles for comparison tables: `oracle` (per sample, the best plan that fitted when measured: the upper
+bound) and `type_oracle` (per question type, the plan a lookup table of that type picks: what a perfect
+question classifier gets).
 """
 
 from __future__ import annotations
@@ -131,13 +133,13 @@ def profile_source(folder: str | Path, rows: Sequence[RequestRecord]) -> dict[st
 @dataclass(frozen=True)
 class OracleChoice:
     row: RequestRecord  # the chosen (sample, plan) measurement
-    violated: bool  # no plan of this sample fitted the budget; `row` is its fastest
+    violated: bool  # its measured total_ms is over the budget
 
 
 def oracle(rows: Sequence[RequestRecord], budget_ms: float | None) -> list[OracleChoice]:
     """Per sample (task, doc_id), in that order: the best-scoring row whose measured total_ms fits the
     budget (ties: lower latency, then plan order), or the fastest row, violated, when none fits.
-    Each sample is judged on whatever plans it was measured with."""
+    Each sample is judged on whatever plans it was measured with: the upper bound of any controller."""
     by_sample: dict[Sample, list[RequestRecord]] = defaultdict(list)
     for row in rows:
         by_sample[(row.task, row.doc_id)].append(row)
@@ -149,8 +151,29 @@ def oracle(rows: Sequence[RequestRecord], budget_ms: float | None) -> list[Oracl
     return out
 
 
+def type_oracle(
+    rows: Sequence[RequestRecord], budget_ms: float | None, latency_stat: str = "p90"
+) -> list[OracleChoice]:
+    """Per question type (task, question_type; one group per task without types): the plan a lookup table
+    built on that type's rows picks for the budget, for each of its samples. What a perfect question
+    classifier in front of per-type lookup tables gets; in (task, doc_id) order."""
+    groups: dict[tuple[str, str], list[RequestRecord]] = defaultdict(list)
+    for row in rows:
+        groups[(row.task, row.question_type or "")].append(row)
+    chosen = []
+    for key in sorted(groups):
+        plan = build_table(groups[key], latency_stat=latency_stat).pick(budget_ms).plan
+        chosen += [r for r in groups[key] if r.plan == plan]
+    over = (lambda r: False) if budget_ms is None else (lambda r: r.total_ms > budget_ms)
+    return [OracleChoice(r, over(r)) for r in sorted(chosen, key=lambda r: r.sample)]
+
+
+ORACLES = {"oracle": oracle, "oracle per question type": type_oracle}
+
+
 @dataclass(frozen=True)
 class OracleSummary:
+    name: str  # a key of ORACLES
     task: str
     budget_ms: float | None
     n_samples: int
@@ -162,25 +185,27 @@ class OracleSummary:
 
 
 def oracle_summary(rows: Sequence[RequestRecord], budgets: Sequence[float | None]) -> list[OracleSummary]:
-    """The oracle per task (sorted) and budget (in the order given)."""
+    """Each oracle (ORACLES order) per task (sorted) and budget (in the order given)."""
     out = []
-    for task in sorted({r.task for r in rows}):
-        task_rows = [r for r in rows if r.task == task]
-        for budget in budgets:
-            chosen = oracle(task_rows, budget)
-            total = [c.row.total_ms for c in chosen]
-            out.append(
-                OracleSummary(
-                    task=task,
-                    budget_ms=budget,
-                    n_samples=len(chosen),
-                    score=float(np.mean([c.row.score for c in chosen])),
-                    latency_mean_ms=float(np.mean(total)),
-                    latency_p95_ms=float(np.percentile(total, 95)),
-                    violation_rate=float(np.mean([c.violated for c in chosen])),
-                    knobs={k: float(np.mean([getattr(c.row.plan, k) for c in chosen])) for k in KNOBS},
+    for name, pick in ORACLES.items():
+        for task in sorted({r.task for r in rows}):
+            task_rows = [r for r in rows if r.task == task]
+            for budget in budgets:
+                chosen = pick(task_rows, budget)
+                total = [c.row.total_ms for c in chosen]
+                out.append(
+                    OracleSummary(
+                        name=name,
+                        task=task,
+                        budget_ms=budget,
+                        n_samples=len(chosen),
+                        score=float(np.mean([c.row.score for c in chosen])),
+                        latency_mean_ms=float(np.mean(total)),
+                        latency_p95_ms=float(np.percentile(total, 95)),
+                        violation_rate=float(np.mean([c.violated for c in chosen])),
+                        knobs={k: float(np.mean([getattr(c.row.plan, k) for c in chosen])) for k in KNOBS},
+                    )
                 )
-            )
     return out
 
 

@@ -256,13 +256,13 @@ def plan_points(rows: Sequence[RequestRecord], task: str) -> list[PlanPoint]:
 
 
 def oracle_rows(rows: Sequence[RequestRecord], budgets: Sequence[float]) -> list[tuple[str, TableRow]]:
-    """(task, row) per task and budget: the profile's oracle, the best measured plan per sample that fits
-    the budget (`lookup.oracle_summary`)."""
+    """(task, row) per oracle, task and budget (`lookup.oracle_summary`): the best measured plan per sample
+    that fits the budget, and the plan per question type a lookup table of that type picks."""
     return [
         (
             s.task,
             TableRow(
-                controller=ORACLE,
+                controller=s.name,
                 budget_ms=s.budget_ms,
                 metric="mean_sample_score",
                 score=s.score,
