@@ -11,7 +11,7 @@ from lmms_adaptive.tools.profile import ProfileStore
 
 DEFAULTS: dict[str, Any] = {
     "task": "synth_vqa_test", "doc_id": 0, "split": "test", "question_type": None, "request_type": "generate_until",
-    "controller": {"kind": "static"}, "budget_ms": None, "n_prompt_tokens": 750, "n_image_tokens": 720,
+    "controller": {"kind": "static"}, "budget_ms": None, "slowdown": None, "n_prompt_tokens": 750, "n_image_tokens": 720,
     "n_text_tokens": 30, "n_crops": 5, "image_pixels": 0, "n_output_tokens": 1, "max_new_tokens": 64,
     "facts_ms": 0.0, "controller_ms": 0.0, "preprocess_ms": 10.0, "vision_ms": 30.0, "prefill_ms": 50.0,
     "decode_ms": [], "total_ms": 90.0, "violated": None, "stop_reason": "eos", "answer": "yes",

@@ -13,6 +13,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import budget_under_load  # noqa: E402
 import controller_overhead  # noqa: E402 (the benchmark scripts are found through sys.path)
 import knob_latency  # noqa: E402
 import reading_diagnosis  # noqa: E402
@@ -57,3 +58,14 @@ def test_reading_diagnosis_rows(tmp_path: Path, tiny_dir: Path) -> None:
     assert row.max_crops == 12 and row.tokens_per_glyph >= 1  # at 12 crops a glyph spans about a token or more
     assert 0 < row.uniform < 1 and 0 <= row.attention <= 1 and 0 <= row.attention_block < 8
     assert all(0 <= getattr(row, k) <= 1 for k in ("exact", "digits", "token_probe", "glyph_probe"))
+
+
+def test_budget_under_load_rows(tmp_path: Path, lmms_env) -> None:
+    out = tmp_path / "load.json"
+    rows = budget_under_load.main(["--limit", "1", "--load-processes", "1", "--budget", "120", "--json", str(out)])
+    assert json.loads(out.read_text()) == [asdict(r) for r in rows]
+    assert [(r.phase, r.guard) for r in rows] == [
+        ("idle", False), ("idle", True), ("loaded (1 processes)", False), ("loaded (1 processes)", True)
+    ]  # fmt: skip
+    assert all(r.requests == 2 and 0 <= r.violation_rate <= 1 for r in rows)
+    assert all((r.slowdown_mean is None) == (not r.guard) for r in rows)

@@ -124,6 +124,7 @@ def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch)
         ("controller=fancy", "controller must be one of static, lookup, grpo"),
         ("controller=lookup,top_k=4", "top_k only apply to controller=static"),
         ("dtype=int8", "dtype must be one of"),
+        ("slowdown=maybe", "slowdown must be true or false"),
     ],
 )
 def test_bad_model_args_name_the_problem(lmm_class, args, message):
@@ -285,3 +286,11 @@ def test_loglikelihood_is_served_and_recorded(lmm_class, tmp_path):
     (record,) = read_records(next(tmp_path.glob("*.jsonl")))
     assert (record.request_type, record.stop_reason, record.n_output_tokens) == ("loglikelihood", "score", 0)
     assert record.plan == Plan(3, 5, 8) and record.total_ms >= record.vision_ms + record.prefill_ms
+
+
+def test_the_budget_guard_is_on_where_the_checkpoint_has_an_estimator(lmm_class, tiny_dir):
+    assert make_lmm(lmm_class, "controller=static").guard is not None  # the built-in model ships one
+    assert make_lmm(lmm_class, "controller=static,slowdown=false").guard is None
+    assert make_lmm(lmm_class, f"pretrained={tiny_dir}").guard is None  # auto: none for this checkpoint
+    with pytest.raises(ValueError, match="slowdown=true needs a latency estimator for this model"):
+        make_lmm(lmm_class, f"pretrained={tiny_dir},slowdown=true")

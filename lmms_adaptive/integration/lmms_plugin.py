@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from lmms_adaptive import controllers
 from lmms_adaptive.controllers.base import Controller
+from lmms_adaptive.controllers.guard import ESTIMATOR_FILE, BudgetGuard, checkpoint_estimator
 from lmms_adaptive.controllers.static import StaticController
 from lmms_adaptive.core.plan import TIER_NAMES, Plan
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LOG_DIR = Path("logs") / "adaptive_molmoe"
 MODEL_ARGS = (
     "pretrained", "controller", "budget", "tier", "max_crops", "top_k", "blocks", "insert_pos", "renormalize", "style",
-    "max_new_tokens", "device", "dtype", "log_dir", "warmup",
+    "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup",
 )  # fmt: skip
 
 
@@ -76,6 +77,7 @@ class AdaptiveMolmoeLMM(lmms):
         renormalize: bool = False,
         style: str = "auto",
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        slowdown: bool | str = "auto",
         device: str | None = None,
         dtype: str | None = None,
         log_dir: str | None = None,
@@ -122,6 +124,7 @@ class AdaptiveMolmoeLMM(lmms):
             )
         else:
             self.controller = self._artifact_controller(controller)
+        self.guard = self._budget_guard(slowdown)
         if self.controller.needs_budget and self.budget is None:
             raise ModelArgError(
                 f"controller={controller!r} ({self.controller.kind}) decides per budget: give budget=<ms per request>"
@@ -159,6 +162,18 @@ class AdaptiveMolmoeLMM(lmms):
                 f"blocks must be in {options.start}..{options.stop - 1} for insert_pos {insert_pos}, got {n!r}"
             )
         return StaticController(Plan(crops, k, n, insert_pos, renormalize), knobs)
+
+    def _budget_guard(self, slowdown: bool | str) -> BudgetGuard | None:
+        """`slowdown=auto` (default): a budget guard when the checkpoint has a latency estimator for this model;
+        `true`: one is required; `false`: none."""
+        wanted = slowdown if slowdown == "auto" else _bool("slowdown", slowdown)
+        estimator = None if wanted is False else checkpoint_estimator(self.rt.folder, self.rt.model_id)
+        if wanted is True and estimator is None:
+            raise ModelArgError(
+                f"slowdown=true needs a latency estimator for this model in {self.rt.folder}/{ESTIMATOR_FILE} "
+                "(python -m lmms_adaptive.tools.estimator fit PROFILE --out ...): fit one, or give slowdown=false"
+            )
+        return None if estimator is None else BudgetGuard(estimator)
 
     def _artifact_controller(self, name: str) -> Controller:
         """`controller=<kind>`: the artifact of that kind made for this model; else `controller=<path>`."""
@@ -233,6 +248,7 @@ class AdaptiveMolmoeLMM(lmms):
                     style=task_style(task, self.style), continuation=None if continuation is None else str(continuation),
                     task=task, doc_id=int(doc_id), split=split, question_type=question_type(doc),
                 ),
+                self.guard,
             )  # fmt: skip
         except (ValueError, FloatingPointError) as err:
             raise RequestError(f"adaptive_molmoe: {task} doc {doc_id} ({split}) cannot be served: {err}") from err

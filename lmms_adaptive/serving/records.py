@@ -18,7 +18,9 @@ import numpy as np
 
 from lmms_adaptive.core.plan import KNOBS, Plan
 
-RECORD_VERSION = 3  # 3: question_type, facts_ms, n_text_tokens, image_pixels, max_new_tokens, answer, score, repeats
+RECORD_VERSION = (
+    3  # 3: question_type, slowdown, facts_ms, n_text_tokens, image_pixels, max_new_tokens, answer, score, repeats
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class RequestRecord:
     request_type: str  # "generate_until" | "loglikelihood"
     controller: dict[str, Any]  # Controller.describe()
     budget_ms: float | None
+    slowdown: float | None  # the budget guard's estimate the controller's budget was divided by (None: no guard)
     plan: Plan  # as executed (a two-stage decision's completion)
     n_prompt_tokens: int
     n_image_tokens: int

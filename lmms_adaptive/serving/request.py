@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmms_adaptive.controllers.base import Controller, stage1_decision
+from lmms_adaptive.controllers.guard import BudgetGuard
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, Execution, Generation, GenerationConfig, Scored
 from lmms_adaptive.serving.records import RequestRecord
 
@@ -97,13 +98,14 @@ class Served:
         return self.execution.logprob, self.execution.greedy
 
 
-def serve(rt: AdaptiveMolmoe, controller: Controller, request: Request) -> Served:
-    """Run one request end to end under `controller` and record it."""
+def serve(rt: AdaptiveMolmoe, controller: Controller, request: Request, guard: BudgetGuard | None = None) -> Served:
+    """Run one request end to end under `controller` and record it. With a `guard`, the controller plans for
+    the budget scaled by the recent slowdown, and the guard then takes in this request's latency."""
     clock = rt.clock
     start = clock.now()
-    facts = rt.request_facts(
-        request.question, request.images, request.budget_ms, request.gen.max_new_tokens, request.task
-    )
+    slowdown = None if guard is None else guard.slowdown
+    budget = request.budget_ms if guard is None else guard.budget_for(request.budget_ms)
+    facts = rt.request_facts(request.question, request.images, budget, request.gen.max_new_tokens, request.task)
     decided = clock.now()
     decision = stage1_decision(controller, facts)
     stage1_ms = clock.now() - decided
@@ -124,6 +126,7 @@ def serve(rt: AdaptiveMolmoe, controller: Controller, request: Request) -> Serve
         request_type="generate_until" if generated else "loglikelihood",
         controller=controller.describe(),
         budget_ms=request.budget_ms,
+        slowdown=slowdown,
         plan=out.plan,
         n_prompt_tokens=out.n_prompt_tokens,
         n_image_tokens=out.n_image_tokens,
@@ -145,4 +148,7 @@ def serve(rt: AdaptiveMolmoe, controller: Controller, request: Request) -> Serve
         model_fingerprint=rt.model_id,
         device=rt.device_name,
     )
+    if guard is not None:
+        n_forwards = len(record.decode_ms) + 1
+        guard.observe(out.plan, out.n_crops, out.n_prompt_tokens, n_forwards, facts.image_pixels, total_ms)
     return Served(record, out)
