@@ -124,13 +124,22 @@ class SyntheticEnv:
 
 # --- reward and advantages ------------------------------------------------------------------------
 def test_reward_is_the_score_within_budget_and_penalised_beyond() -> None:
-    penalty = Penalty(constant=1.0, per_overshoot=2.0)
+    penalty = Penalty(constant=1.0, per_overshoot=2.0, latency_cost=0.0)
     assert reward(0.7, 100.0, 100.0, penalty) == 0.7  # equal is within budget
     assert reward(0.7, 50.0, 100.0, penalty) == 0.7
     assert reward(0.7, 110.0, 100.0, penalty) == pytest.approx(0.7 - 1.0 - 2.0 * 0.1)
     assert reward(1.0, 100.1, 100.0) < reward(0.0, 100.0, 100.0)  # any violation is worse than any fit
     assert reward(0.7, 900.0, 100.0, penalty) == pytest.approx(0.7 - 1.0 - 2.0 * 1.0)  # overshoot capped at 1
-    assert reward(0.7, 900.0, 100.0, Penalty(cap=10.0)) == pytest.approx(0.7 - 1.0 - 8.0)
+    assert reward(0.7, 900.0, 100.0, Penalty(cap=10.0, latency_cost=0.0)) == pytest.approx(0.7 - 1.0 - 8.0)
+
+
+def test_latency_within_budget_costs_in_proportion_to_the_budget_used() -> None:
+    cost = Penalty(latency_cost=0.1)
+    assert reward(0.7, 50.0, 100.0, cost) == pytest.approx(0.7 - 0.05)
+    assert reward(0.7, 100.0, 100.0, cost) == pytest.approx(0.7 - 0.1)
+    assert reward(0.7, 110.0, 100.0, cost) == pytest.approx(0.7 - 0.1 - 1.0 - 0.1)  # cost stops at the budget
+    assert reward(0.7, 20.0, 100.0) > reward(0.7, 80.0, 100.0)  # on by default: same score, cheaper wins
+    assert reward(0.75, 80.0, 100.0) > reward(0.7, 20.0, 100.0)  # but a full budget costs less than 0.05
 
 
 def test_group_advantages_hand_values() -> None:
@@ -436,3 +445,33 @@ def test_train_refuses_a_budget_range_other_than_the_policys() -> None:
     cfg = GRPOConfig(budget_range_ms=(50.0, 500.0))
     with pytest.raises(ValueError, match="budget range"):
         train(make_policy(), SyntheticEnv(), cfg, steps=1)
+
+
+# --- a question type -> tier optimum that only the latency cost decides ----------------------------------------
+TYPE_SCORE = {0.0: {3: 1.0, 6: 1.0, 12: 1.0}, 1.0: {3: 0.2, 6: 0.5, 12: 1.0}}  # colour needs no detail; detail does
+
+
+class TypedEnv(SyntheticEnv):
+    """Two question types, colour (difficulty 0) and detail (1), visible as in `SyntheticEnv`; the score
+    depends on the tier only, so top-k and blocks buy nothing and colour gains nothing from crops: only the
+    within-budget latency cost tells the policy to spend less where more buys no score."""
+
+    def sample_request(self, rng: torch.Generator, budget_ms: float) -> SyntheticRequest:
+        return self.make(budget_ms, float(torch.rand((), generator=rng).item() < 0.5))
+
+    def run(self, request: SyntheticRequest, plan: Plan) -> tuple[float, float]:
+        return TYPE_SCORE[request.difficulty][plan.max_crops], synthetic_latency_ms(plan)
+
+
+def test_grpo_with_a_latency_cost_learns_the_tier_each_question_type_needs() -> None:
+    cheapest_12_crops = min(synthetic_latency_ms(p) for p in all_plans(KNOBS) if p.max_crops == 12)
+    policy, env = make_policy(), TypedEnv()
+    train(policy, env, LEARN_CFG, steps=120)
+    budgets = torch.logspace(math.log10(BUDGETS[0]), math.log10(BUDGETS[1]), 12, dtype=torch.float64).tolist()
+    colour = [policy.greedy(env.make(b, 0.0)) for b in budgets]
+    detail = [policy.greedy(env.make(b, 1.0)) for b in budgets if b >= 1.2 * cheapest_12_crops]
+    assert all(p.max_crops == 3 for p in colour), colour
+    assert all(p.max_crops == 12 for p in detail), detail
+    assert all(synthetic_latency_ms(p) <= b for p, b in zip(colour, budgets))
+    cheapest = min(synthetic_latency_ms(p) for p in all_plans(KNOBS) if p.max_crops == 3)
+    assert sum(synthetic_latency_ms(p) for p in colour) / len(colour) <= 1.5 * cheapest  # spends little on colour

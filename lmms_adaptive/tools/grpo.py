@@ -27,25 +27,32 @@ from lmms_adaptive.core.plan import Plan
 
 @dataclass(frozen=True)
 class Penalty:
-    """Reward penalty of a request over its budget: `constant + per_overshoot * min(latency / budget - 1, cap)`.
+    """What latency costs in the reward, as a fraction of the budget used (`used = latency / budget`):
+    `latency_cost * min(used, 1)`, plus `constant + per_overshoot * min(used - 1, cap)` over the budget.
 
-    A constant at least the score range (1 for accuracies) makes every violation worse than any plan that
-    fits, whatever its score: the budget is the hard constraint. The proportional term then ranks
-    violations by relative overshoot, so a group whose plans all miss still learns to miss by less. The
-    cap bounds it: measured latencies have a long tail (a request that met load from elsewhere on the
-    machine), and one such run should not outweigh the rest of its group.
+    The within-budget cost makes the policy spend latency only where it buys score: among plans that fit,
+    a full budget costs `latency_cost` (a twentieth of an accuracy point by default), so a question that
+    the cheapest plan already answers gets the cheapest plan. A constant at least the score range (1 for
+    accuracies) makes every violation worse than any plan that fits, whatever its score: the budget is the
+    hard constraint. The proportional term then ranks violations by relative overshoot, so a group whose
+    plans all miss still learns to miss by less. The cap bounds it: measured latencies have a long tail (a
+    request that met load from elsewhere on the machine), and one such run should not outweigh the rest
+    of its group.
     """
 
     constant: float = 1.0
     per_overshoot: float = 1.0
     cap: float = 1.0
+    latency_cost: float = 0.05
 
 
 def reward(score: float, latency_ms: float, budget_ms: float, penalty: Penalty = Penalty()) -> float:
-    """Score, minus the penalty when the latency exceeds the budget (equal is within budget)."""
+    """Score minus the latency's cost (see `Penalty`; a latency equal to the budget is within it)."""
+    used = latency_ms / budget_ms
+    within = score - penalty.latency_cost * min(used, 1.0)
     if latency_ms <= budget_ms:
-        return score
-    return score - penalty.constant - penalty.per_overshoot * min(latency_ms / budget_ms - 1.0, penalty.cap)
+        return within
+    return within - penalty.constant - penalty.per_overshoot * min(used - 1.0, penalty.cap)
 
 
 def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:

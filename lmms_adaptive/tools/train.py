@@ -9,7 +9,8 @@ Each step draws `requests_per_step` training samples (seeded) with a budget each
 `budget_range_ms`), samples a group of `group_size` plans per request from the policy, runs every plan
 at batch size 1 through the one request path (the task's prompt, generation kwargs and image; the
 latency token inserted to block p), scores the answer with the task's own `process_results`, and
-rewards score minus a penalty over budget (`grpo.reward`, with the latency measured end to end).
+rewards score minus the latency's cost: a small one within budget, a penalty over it (`grpo.reward`,
+with the latency measured end to end).
 The LLM is frozen; the budget encoder and both heads train (`grpo.grpo_step`).
 
 The run folder holds `settings.json` (a resumed run must use the same), `state.pt` (every
@@ -86,6 +87,7 @@ class TrainConfig:
     penalty: float = 1.0
     penalty_per_overshoot: float = 1.0
     penalty_cap: float = 1.0  # the relative overshoot counted at most
+    latency_cost: float = 0.05  # reward lost to a full budget of latency within it (see grpo.Penalty)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # when a task's gen_kwargs set none
     save_every: int = 5
     seed: int = 0
@@ -112,7 +114,7 @@ class TrainConfig:
         return GRPOConfig(
             group_size=self.group_size, requests_per_step=self.requests_per_step, lr=self.lr,
             stage1_lr_scale=self.stage1_lr_scale, clip_eps=self.clip_eps, kl_coef=self.kl_coef,
-            entropy_coef=self.entropy_coef, epochs=self.epochs, penalty=Penalty(self.penalty, self.penalty_per_overshoot, self.penalty_cap),
+            entropy_coef=self.entropy_coef, epochs=self.epochs, penalty=Penalty(self.penalty, self.penalty_per_overshoot, self.penalty_cap, self.latency_cost),
             budget_range_ms=(low, high), seed=self.seed,
         )  # fmt: skip
 
