@@ -5,8 +5,8 @@
 
 Requests run one at a time through `serving.request.serve` (the budget is per request). Every request's
 record is a line of `<log_dir>/adaptive_molmoe_<time>_rank<r>.jsonl`; aggregates go to lmms-eval's results
-(`throughput`) through `log_metrics` and to a `summary` JSON next to the records. `pretrained` is a folder or a hub id
-(`revision=` optional).
+(`throughput`) through `log_metrics` and to a `summary` JSON next to the records; answers carry token counts
+(lmms-eval's `efficiency` section). `pretrained` is a folder or a hub id (`revision=` optional).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
@@ -212,11 +212,14 @@ class AdaptiveMolmoeLMM(lmms):
         self._records.append(record)
 
     def _report(self, records: list[RequestRecord]) -> None:
-        """Aggregates into lmms-eval's results (`throughput`) and a summary JSON beside the records."""
+        """Aggregates into lmms-eval's results (`throughput`, printed as its Throughput Summary table: latency
+        mean / p95 in ms, budget violations in %, ...) and a summary JSON beside the records."""
         if not records or self._writer is None:
             return
         stats = summarize(records)
         metrics = {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if metrics.pop("violation_rate", None) is not None:
+            metrics["budget_violation_pct"] = 100.0 * stats["violation_rate"]
         metrics["total_requests"] = len(records)
         metrics.update(
             {
@@ -264,12 +267,16 @@ class AdaptiveMolmoeLMM(lmms):
         self._record(request, served.record)
         return served
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        """The answers, with lmms-eval's token counts: input = the prompt's tokens (image tokens included),
+        output = the generated ones (they fill the samples' `token_counts` and the results' `efficiency`)."""
         records_before = len(self._records)
-        answers = [
-            self._serve(r, generation_config(r.args[1], self.max_new_tokens)).text
-            for r in tqdm(requests, desc="adaptive_molmoe", disable=self.rank != 0)
-        ]
+        answers = []
+        for r in tqdm(requests, desc="adaptive_molmoe", disable=self.rank != 0):
+            served = self._serve(r, generation_config(r.args[1], self.max_new_tokens))
+            record = served.record
+            counts = TokenCounts(input_tokens=record.n_prompt_tokens, output_tokens=record.n_output_tokens)
+            answers.append(GenerationResult(text=served.text, token_counts=counts))
         self._report(self._records[records_before:])
         return answers
 
