@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,10 @@ def test_mission_cli_on_tiny_default(offline_env, tmp_path):
     for task in LOCAL_TASKS:
         assert task_metrics(results, task), f"no metrics for {task}: {proc.stderr[-3000:]}"
         assert list(out.rglob(f"*_samples_{task}.jsonl")), task
-    assert "avg_violation_rate" in results["throughput"]
+    throughput = results["throughput"]
+    table = proc.stdout[proc.stdout.index("Throughput Summary") :]
+    for name in ("avg_latency_mean_ms", "avg_latency_p95_ms", "avg_budget_violation_pct"):
+        assert re.search(rf"^\|{name}\s*\|", table, re.MULTILINE), table  # lmms-eval's table, units in the names
 
     (record_file,) = (out / "adaptive_molmoe").glob("*.jsonl")
     records = read_records(record_file)
@@ -80,6 +84,26 @@ def test_mission_cli_on_tiny_default(offline_env, tmp_path):
     summary = json.loads(record_file.with_suffix(".summary.json").read_text())
     assert summary["overall"]["n_requests"] == 12
     assert summary["overall"]["latency_p95_ms"] == pytest.approx(summarize(records)["latency_p95_ms"])
+    stats = summarize(records)  # one generate_until call: lmms-eval's averages are this call's numbers
+    assert throughput["avg_latency_mean_ms"] == pytest.approx(stats["latency_mean_ms"])
+    assert throughput["avg_latency_p95_ms"] == pytest.approx(stats["latency_p95_ms"])
+    assert throughput["avg_budget_violation_pct"] == pytest.approx(100 * stats["violation_rate"])
+
+    # lmms-eval's own efficiency section and per-sample token counts, from the answers' GenerationResult
+    counted = {
+        (r.task, r.doc_id): {"input_tokens": r.n_prompt_tokens, "output_tokens": r.n_output_tokens} for r in records
+    }
+    for task in LOCAL_TASKS:
+        (samples_file,) = out.rglob(f"*_samples_{task}.jsonl")
+        for line in samples_file.read_text().splitlines():
+            sample = json.loads(line)
+            assert sample["token_counts"] == [counted[(task, sample["doc_id"])]]
+        per_task = results["efficiency"]["by_task"][task]
+        assert per_task["docs_with_token_counts"] == 4
+        assert per_task["total_input_tokens"] == sum(r.n_prompt_tokens for r in records if r.task == task)
+    overall = results["efficiency"]["overall"]
+    assert overall["total_input_tokens"] == sum(r.n_prompt_tokens for r in records) > 12 * 100  # image tokens in
+    assert overall["total_output_tokens"] == sum(r.n_output_tokens for r in records) > 0
 
 
 @pytest.mark.slow
@@ -286,6 +310,41 @@ def test_loglikelihood_is_served_and_recorded(lmm_class, tmp_path):
     (record,) = read_records(next(tmp_path.glob("*.jsonl")))
     assert (record.request_type, record.stop_reason, record.n_output_tokens) == ("loglikelihood", "score", 0)
     assert record.plan == Plan(3, 5, 8) and record.total_ms >= record.vision_ms + record.prefill_ms
+
+
+def test_generate_until_returns_token_counts_and_logs_the_headline_numbers(lmm_class, tmp_path):
+    """Each answer is a GenerationResult counting the prompt's tokens (image tokens included) and the generated
+    ones, as its record does; the call's mean / p95 latency and violation rate go to lmms-eval's throughput."""
+    from lmms_eval.api.instance import GenerationResult, Instance
+    from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history
+    from PIL import Image
+
+    lmm = make_lmm(lmm_class, f"controller=static,tier=low,budget=1,log_dir={tmp_path}")  # 1 ms: all violate
+    lmm.task_dict = {
+        "t": {"test": {i: {"image": Image.new("RGB", (64, 48), c)} for i, c in enumerate(("red", "green", "blue"))}}
+    }
+    requests = [
+        Instance(
+            "generate_until",
+            ("Colour?", {"max_new_tokens": 2}, lambda doc: [doc["image"]], i, "t", "test"),
+            idx=0,
+            metadata={"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i in range(3)
+    ]
+    answers = lmm.generate_until(requests)
+    records = read_records(next(tmp_path.glob("*.jsonl")))
+    assert all(isinstance(a, GenerationResult) for a in answers)
+    for answer, record in zip(answers, records, strict=True):
+        assert answer.text == record.answer
+        assert (
+            answer.token_counts.input_tokens == record.n_prompt_tokens == record.n_image_tokens + record.n_text_tokens
+        )
+        assert answer.token_counts.output_tokens == record.n_output_tokens
+    logged = get_logged_metrics_history()[-1]
+    assert logged["latency_mean_ms"] == pytest.approx(summarize(records)["latency_mean_ms"])
+    assert logged["latency_p95_ms"] == pytest.approx(summarize(records)["latency_p95_ms"])
+    assert logged["budget_violation_pct"] == 100.0 and "violation_rate" not in logged
 
 
 def test_the_budget_guard_is_on_where_the_checkpoint_has_an_estimator(lmm_class, tiny_dir):

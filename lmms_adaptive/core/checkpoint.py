@@ -1,5 +1,6 @@
-"""Checkpoint folders: find, validate and load weights (pickle-free), save and convert to safetensors;
-where the shipped default lives; the block ranking stored beside the weights.
+"""Checkpoint folders: resolve a folder or a Hugging Face hub id, find, validate and load weights
+(pickle-free), save and convert to safetensors; where the shipped default lives; the block ranking stored
+beside the weights.
 
 A folder holds `config.json`, the tokenizer files and weights as one of:
 `model.safetensors`, `model.safetensors.index.json` + shards, or `pytorch_model.bin` (the official
@@ -12,10 +13,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HFValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -33,6 +38,11 @@ SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
 )  # fmt: skip
 SHARD_BYTES = 5 * 1024**3
+# What a hub snapshot fetches: every JSON file (config, tokenizer, preprocessor, the safetensors index, and
+# our own block ranking, latency estimator and controllers/ artifacts) and the safetensors weights; the
+# pickle only when the repository has no safetensors. Never the remote-code python files.
+HUB_PATTERNS = ("*.json", "*.safetensors")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 # The embedded default: a tiny MolmoE trained on the synthetic suite, shipped as package data
@@ -43,6 +53,42 @@ IMPORTANCE_FILE = "block_importance.json"
 
 class CheckpointError(ValueError):
     """A weights folder that cannot be loaded as this model: says which file and which tensors."""
+
+
+def resolve_checkpoint(pretrained: str | Path | None, revision: str | None = None) -> Path:
+    """The local folder of `pretrained`: None is the built-in model; an existing folder is returned as is; a
+    hub id (`owner/name`, at `revision`, default main) goes through the Hugging Face cache: downloaded on first
+    use, read from the cache offline (`HF_HUB_OFFLINE=1`). Raises FileNotFoundError naming the id, the
+    revision and the cache folder."""
+    if pretrained is None:
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} needs a hub id as pretrained (owner/name)")
+        return default_checkpoint()
+    path = Path(pretrained)
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub ids only; {path} is a local folder")
+        return path
+    if not HUB_ID.fullmatch(str(pretrained)):
+        raise FileNotFoundError(f"checkpoint folder not found: {path} (nor is it a hub id owner/name)")
+    cache = hub_constants.HF_HUB_CACHE
+    where = f"hub id {pretrained} (revision {revision or 'main'}, cache {cache}"
+    where += ", offline: HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else ")"
+    try:
+        folder = Path(huggingface_hub.snapshot_download(pretrained, revision=revision, allow_patterns=HUB_PATTERNS))
+        if not _has_weights(folder):
+            folder = Path(huggingface_hub.snapshot_download(pretrained, revision=revision, allow_patterns=PICKLE))
+    except (OSError, HFValidationError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"checkpoint not found: not a local folder, and {where} failed: {reason}") from err
+    if not _has_weights(folder):
+        raise FileNotFoundError(f"{where}: snapshot {folder} has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}")
+    log.info("%s -> %s", where, folder)
+    return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in (SAFETENSORS, SAFETENSORS_INDEX, PICKLE))
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -193,12 +239,13 @@ def write_safetensors(
 def convert(
     src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = SHARD_BYTES
 ) -> None:
-    """One-time conversion of a checkpoint folder (e.g. the fp32 `pytorch_model.bin`) to sharded safetensors.
+    """One-time conversion of a checkpoint folder or hub id (e.g. the fp32 `pytorch_model.bin`) to sharded
+    safetensors.
 
     Validates names and shapes against the folder's config first, then streams tensor by tensor, so peak
     memory stays near one shard.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_checkpoint(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError("convert: destination must differ from the source folder")
     config = MolmoeConfig.from_folder(src)

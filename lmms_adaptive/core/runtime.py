@@ -1,6 +1,6 @@
 """One request end to end: preprocess -> vision -> prefill -> decode, executing a `Plan`, timed per stage.
 
-    rt = AdaptiveMolmoe.from_pretrained("/ckpt/MolmoE-1B-0924")        # or None: the built-in tiny model
+    rt = AdaptiveMolmoe.from_pretrained("/ckpt/MolmoE-1B-0924")   # or a hub id; None: the built-in tiny model
     out = rt.generate("What is written?", [image], Plan(max_crops=6, top_k=6, n_blocks=14), style="text_vqa")
     out.text, out.token_ids, out.first_logits, out.timings.total_ms
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmms_adaptive.core.checkpoint import default_checkpoint, fingerprint, load_model, read_drop_order
+from lmms_adaptive.core.checkpoint import fingerprint, load_model, read_drop_order, resolve_checkpoint
 from lmms_adaptive.core.config import ConfigError, MolmoeConfig
 from lmms_adaptive.core.model import KVCache, LayerSchedule, MolmoeForCausalLM
 from lmms_adaptive.core.plan import DeferredPlan, KnobSpace, Plan, RequestFacts
@@ -157,9 +157,10 @@ class AdaptiveMolmoe:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         compile_decode: bool = False,
+        revision: str | None = None,
     ) -> AdaptiveMolmoe:
-        """Load a checkpoint folder (default: the built-in tiny model, built on first use)."""
-        folder = default_checkpoint() if folder is None else folder
+        """Load a checkpoint folder or hub id at `revision` (`resolve_checkpoint`; default: the built-in model)."""
+        folder = resolve_checkpoint(folder, revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, device)
         processor = MolmoeProcessor.from_pretrained(folder)

@@ -5,7 +5,8 @@
 
 Requests run one at a time through `serving.request.serve` (the budget is per request). Every request's
 record is a line of `<log_dir>/adaptive_molmoe_<time>_rank<r>.jsonl`; aggregates go to lmms-eval's results
-(`throughput`) through `log_metrics` and to a `summary` JSON next to the records.
+(`throughput`) through `log_metrics` and to a `summary` JSON next to the records; answers carry token counts
+(lmms-eval's `efficiency` section). `pretrained` is a folder or a hub id (`revision=` optional).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from lmms_adaptive import controllers
 from lmms_adaptive.controllers.base import Controller
 from lmms_adaptive.controllers.guard import ESTIMATOR_FILE, BudgetGuard, checkpoint_estimator
 from lmms_adaptive.controllers.static import StaticController
+from lmms_adaptive.core.checkpoint import resolve_checkpoint
 from lmms_adaptive.core.plan import TIER_NAMES, Plan
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 from lmms_adaptive.integration.tasks import question_type
@@ -47,8 +49,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LOG_DIR = Path("logs") / "adaptive_molmoe"
 MODEL_ARGS = (
-    "pretrained", "controller", "budget", "tier", "max_crops", "top_k", "blocks", "insert_pos", "renormalize", "style",
-    "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup",
+    "pretrained", "revision", "controller", "budget", "tier", "max_crops", "top_k", "blocks", "insert_pos", "renormalize",
+    "style", "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup",
 )  # fmt: skip
 
 
@@ -67,6 +69,7 @@ class AdaptiveMolmoeLMM(lmms):
     def __init__(
         self,
         pretrained: str | None = None,
+        revision: str | None = None,
         controller: str = "static",
         budget: float | None = None,
         tier: str | None = None,
@@ -99,15 +102,21 @@ class AdaptiveMolmoeLMM(lmms):
                 "adaptive_molmoe runs requests at batch size 1 (the budget is per request); batch_size=%s ignored",
                 batch_size,
             )
-        if pretrained is not None and not Path(str(pretrained)).is_dir():
-            raise ModelArgError(f"pretrained={pretrained!r}: checkpoint folder not found")
+        if isinstance(revision, bool | float):  # lmms-eval reads 1e5 as a number: the hash is lost
+            raise ModelArgError(f"revision must be a branch, tag or commit hash, got {revision!r}")
+        try:
+            folder = resolve_checkpoint(
+                None if pretrained is None else str(pretrained), None if revision is None else str(revision)
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise ModelArgError(f"pretrained={pretrained!r}: {err}") from None
 
         accelerator = Accelerator()
         if accelerator.num_processes > 1:
             device = f"cuda:{accelerator.local_process_index}"
             self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
         self.accelerator = accelerator
-        self.rt = AdaptiveMolmoe.from_pretrained(pretrained, device=device, dtype=dtype)
+        self.rt = AdaptiveMolmoe.from_pretrained(folder, device=device, dtype=dtype)
         self._device = self.rt.device
         self.budget = float(budget) if budget is not None else None
         self.style = style
@@ -203,11 +212,14 @@ class AdaptiveMolmoeLMM(lmms):
         self._records.append(record)
 
     def _report(self, records: list[RequestRecord]) -> None:
-        """Aggregates into lmms-eval's results (`throughput`) and a summary JSON beside the records."""
+        """Aggregates into lmms-eval's results (`throughput`, printed as its Throughput Summary table: latency
+        mean / p95 in ms, budget violations in %, ...) and a summary JSON beside the records."""
         if not records or self._writer is None:
             return
         stats = summarize(records)
         metrics = {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if metrics.pop("violation_rate", None) is not None:
+            metrics["budget_violation_pct"] = 100.0 * stats["violation_rate"]
         metrics["total_requests"] = len(records)
         metrics.update(
             {
@@ -255,12 +267,16 @@ class AdaptiveMolmoeLMM(lmms):
         self._record(request, served.record)
         return served
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        """The answers, with lmms-eval's token counts: input = the prompt's tokens (image tokens included),
+        output = the generated ones (they fill the samples' `token_counts` and the results' `efficiency`)."""
         records_before = len(self._records)
-        answers = [
-            self._serve(r, generation_config(r.args[1], self.max_new_tokens)).text
-            for r in tqdm(requests, desc="adaptive_molmoe", disable=self.rank != 0)
-        ]
+        answers = []
+        for r in tqdm(requests, desc="adaptive_molmoe", disable=self.rank != 0):
+            served = self._serve(r, generation_config(r.args[1], self.max_new_tokens))
+            record = served.record
+            counts = TokenCounts(input_tokens=record.n_prompt_tokens, output_tokens=record.n_output_tokens)
+            answers.append(GenerationResult(text=served.text, token_counts=counts))
         self._report(self._records[records_before:])
         return answers
 

@@ -18,7 +18,7 @@ from lmms_adaptive.core.runtime import resolve_dtype
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="checkpoint folder (pytorch_model.bin or safetensors)")
+    parser.add_argument("src", type=Path, help="checkpoint folder or hub id (pytorch_model.bin or safetensors)")
     parser.add_argument("dst", type=Path, help="output folder (created)")
     parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
     args = parser.parse_args(argv)

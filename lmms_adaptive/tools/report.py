@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmms_adaptive.controllers import LOADERS
+from lmms_adaptive.core.checkpoint import resolve_checkpoint
 from lmms_adaptive.core.plan import Plan
 from lmms_adaptive.serving.records import RequestRecord, read_records, summarize
 from lmms_adaptive.tools.lookup import oracle_summary
@@ -486,7 +487,7 @@ def compare(
     """Evaluate every (controller, budget) not evaluated yet into `out/runs/`, then write the report."""
     out = Path(out)
     include = Path(include_path).resolve() if include_path is not None else None
-    checkpoint = Path(pretrained).resolve() if pretrained is not None else None
+    checkpoint = resolve_checkpoint(pretrained).resolve() if pretrained is not None else None  # a hub id: its snapshot
     jobs = [
         EvalJob(
             c, float(b), (out / "runs" / run_name(c, b)).resolve(), tuple(tasks), include, limit, checkpoint, model_args
