@@ -131,7 +131,7 @@ SHORT = {
 }  # fmt: skip
 
 
-def test_tensorboard_curves_get_the_csv_scalars(tmp_path: Path) -> None:
+def test_tensorboard_curves_get_the_csv_scalars_and_resume(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -144,6 +144,12 @@ def test_tensorboard_curves_get_the_csv_scalars(tmp_path: Path) -> None:
     assert sorted(events.Tags()["scalars"]) == ["grpo/pg_loss", "grpo/reward_mean", "grpo/updated"]
     assert [(e.step, e.value) for e in events.Scalars("grpo/reward_mean")] == [(0, 0.5), (1, 0.75)]
     assert [e.step for e in events.Scalars("grpo/pg_loss")] == [1]  # the empty cell is skipped
+    resumed = TensorBoardCurves(tmp_path, "grpo", 1)  # a run resumed at step 1 logs it again
+    resumed.add({"step": 1, "reward_mean": 0.25})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("grpo/reward_mean")] == [(0, 0.5), (1, 0.25)]
 
 
 def test_grpo_run_writes_tensorboard_curves(tmp_path: Path, lmms_env) -> None:
