@@ -46,7 +46,6 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 from torch import Tensor
-from tqdm import tqdm
 
 from lmms_adaptive.core.checkpoint import load_model, save_weights
 from lmms_adaptive.core.config import MolmoeConfig
@@ -64,6 +63,7 @@ from lmms_adaptive.core.processor import (
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 from lmms_adaptive.default import synthetic
 from lmms_adaptive.default.tiny import build_tiny
+from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
 from lmms_adaptive.tools.runlog import (
     check_settings,
     exclusive,
@@ -743,7 +743,7 @@ def train_vision(
     stream = VisionStream(run.init, cfg, start)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     began = time.perf_counter()
-    bar = tqdm(loader, total=cfg.vision_steps, initial=start, desc="pretrain (vision)", unit="step")
+    bar = progress(loader, total=cfg.vision_steps, initial=start, desc="pretrain (vision)", unit="step")
     for step, batch in bar:
         lr = cfg.vision_lr_at(step)
         for group in optimizer.param_groups:
@@ -756,7 +756,7 @@ def train_vision(
         row = {"step": step, "loss": round(float(loss.detach()), 5), "lr": lr,
                **{f"acc_{k}": round(v, 4) for k, v in accuracy.items()}, "seconds": round(time.perf_counter() - began, 2)}  # fmt: skip
         write_rows(run.vision_metrics, [row], ["step", "loss", "lr", *(f"acc_{k}" for k in SCENE_READOUTS), "seconds"])
-        bar.set_postfix(loss=f"{row['loss']:.3f}", shape=accuracy.get("shape", float("nan")))
+        bar.set_postfix(loss=f"{row['loss']:.3f}", shape=accuracy.get("shape", float("nan")), refresh=False)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.vision_steps:
             save(step + 1)
 
@@ -805,7 +805,7 @@ def _train(run: RunDir, cfg: PretrainConfig, device: str) -> Path:
         StepStream(run.init, cfg, start), batch_size=None, num_workers=1, prefetch_factor=4
     )
     began = time.perf_counter()
-    bar = tqdm(loader, total=cfg.steps, initial=start, desc="pretrain", unit="step")
+    bar = progress(loader, total=cfg.steps, initial=start, desc="pretrain", unit="step")
     for step, plan, batch in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step) * group["scale"]
@@ -823,7 +823,7 @@ def _train(run: RunDir, cfg: PretrainConfig, device: str) -> Path:
             "answer_tokens": batch.n_answer_tokens, "seconds": round(time.perf_counter() - began, 2),
         }  # fmt: skip
         write_rows(run.metrics, [row], list(row))
-        bar.set_postfix(loss=f"{value:.3f}", crops=plan.max_crops)
+        bar.set_postfix(loss=f"{value:.3f}", crops=plan.max_crops, refresh=False)
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
@@ -842,28 +842,62 @@ def _train(run: RunDir, cfg: PretrainConfig, device: str) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> None:
+SETTING_HELP = {
+    "steps": "decoder-stage steps",
+    "batch_size": "images per decoder step",
+    "questions_per_image": "questions per image row: its own and up to this many - 1 more about its scene",
+    "lr": "peak learning rate of the decoder stage",
+    "min_lr_ratio": "the cosine decay's floor, relative to the peak learning rate",
+    "warmup_steps": "linear warm-up steps of each stage",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient norm clip",
+    "full_plan_prob": "share of decoder steps at the full decoder, any tier",
+    "vision_steps": "vision-stage steps before the decoder steps",
+    "vision_read_steps": "the first vision steps, on sign-sheet crops only",
+    "vision_sharpen_steps": "the last vision steps, with more sign sheets than shape views",
+    "vision_batch_size": "views per vision step",
+    "vision_sheets": "sign-sheet crops per vision step between the reading and sharpening phases, on top",
+    "vision_lr": "peak learning rate of the vision stage",
+    "vision_pool": "distinct vision-stage scenes, reused in turn",
+    "vision_lr_scale": "the vision backbone's learning rate in the decoder stage, relative to --lr (0: frozen)",
+    "seed": "seed of the initial weights, the plans and the samples",
+    "eval_every": "decoder steps between validations",
+    "eval_samples": "validation samples per validation, each run at every tier",
+    "save_every": "steps between saved states (the resume points)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
     defaults = PretrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m lmms_adaptive.default.pretrain",
         description=__doc__.split("\n\n")[0],
         epilog="Re-running with the same OUT_DIR and flags resumes from the last saved step.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("out", type=Path, help="run folder (state, logs, and checkpoint/ at the end)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu); not part of the run's identity")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; not part of the run's identity")
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch threads of the training process (default 1: the data worker needs the other core, and "
-        "spinning OpenMP threads on a busy CPU cost several times the speed; not part of the run's identity)",
+        help="torch threads of the training process (the data worker needs another core, and spinning OpenMP "
+        "threads on a busy CPU cost several times the speed); not part of the run's identity",
     )  # fmt: skip
     for f in fields(PretrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                            help=f"(default {getattr(defaults, f.name)})")  # fmt: skip
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+                            help=SETTING_HELP[f.name])  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    setup_logging()
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     torch.set_num_threads(args.threads)
-    print(train(args.out, cfg, args.device))
+    folder = train(args.out, cfg, args.device)
+    log.info("pretrain: %d vision + %d decoder steps; checkpoint %s, logs and curves in %s; took %s",
+             cfg.vision_steps, cfg.steps, folder, args.out, took(started))  # fmt: skip
+    print(folder)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lmms_adaptive.core.checkpoint import build_model, save_weights
 from lmms_adaptive.core.config import MolmoeConfig
 from lmms_adaptive.default import synthetic
+from lmms_adaptive.tools.cli import HelpFormatter, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +151,17 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.default.tiny", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.default.tiny", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument("out", type=Path, help="folder to write the checkpoint into")
-    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
     print(build_tiny(args.out, args.seed))
 
 

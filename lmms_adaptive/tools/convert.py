@@ -10,22 +10,35 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from lmms_adaptive.core.checkpoint import convert
 from lmms_adaptive.core.runtime import resolve_dtype
+from lmms_adaptive.tools.cli import HelpFormatter, setup_logging, took
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser.add_argument("src", type=Path, help="checkpoint folder or hub id (pytorch_model.bin or safetensors)")
+    parser.add_argument("dst", type=Path, help="output folder (created)")
+    parser.add_argument("--dtype", default="bf16", help="weight dtype to write: bf16, fp16 or fp32")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="checkpoint folder or hub id (pytorch_model.bin or safetensors)")
-    parser.add_argument("dst", type=Path, help="output folder (created)")
-    parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    setup_logging()
     import torch
 
     convert(args.src, args.dst, resolve_dtype(args.dtype, torch.device("cpu")))
+    written = [f for f in args.dst.iterdir() if f.is_file()]
+    size_gb = sum(f.stat().st_size for f in written) / 1e9
+    log.info("convert: %d files (%.2f GB) in %s; took %s", len(written), size_gb, args.dst, took(started))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import argparse
 import itertools
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +40,7 @@ from lmms_adaptive.controllers.estimator import (
 )
 from lmms_adaptive.core.plan import KnobSpace
 from lmms_adaptive.serving.records import RequestRecord
+from lmms_adaptive.tools.cli import HelpFormatter, setup_logging, took
 from lmms_adaptive.tools.profile import profile_knobs, read_profile
 
 log = logging.getLogger(__name__)
@@ -396,19 +398,19 @@ def _read_rows(folder: str) -> list[RequestRecord]:
     return rows
 
 
-def _cmd_fit(args: argparse.Namespace) -> None:
+def _cmd_fit(args: argparse.Namespace) -> str:
     rows = _read_rows(args.profile_dir)
     train, held = split_rows(rows, args.holdout, args.seed)
     log.info("fitting on %d rows, holding out %d", len(train), len(held))
     estimator = fit_estimator(train, profile_knobs(args.profile_dir))
     shown, title = (held, "held-out evaluation") if held else (train, "in-sample evaluation (no hold-out)")
     print(format_evaluation(evaluate(estimator, shown), title))
-    log.info("saved the estimator to %s", estimator.save(args.out))
+    saved = estimator.save(args.out)
     plots = plot_evaluation(estimator, shown, args.out.parent / f"{args.out.stem}_plots")
-    log.info("saved plots: %s", ", ".join(str(p) for p in plots))
+    return f"fitted on {len(train)} rows ({len(held)} held out) -> {saved}; plots: {', '.join(str(p) for p in plots)}"
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> None:
+def _cmd_evaluate(args: argparse.Namespace) -> str:
     estimator = LatencyEstimator.load(args.estimator)
     rows = _read_rows(args.profile_dir)
     for field in ("device", "model_fingerprint"):
@@ -416,44 +418,48 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         if seen != [getattr(estimator, field)]:
             log.warning("the estimator was fitted on %s %r, the rows have %s", field, getattr(estimator, field), seen)
     print(format_evaluation(evaluate(estimator, rows), f"evaluation of {args.estimator}"))
-    if args.plots is not None:
-        log.info("saved plots: %s", ", ".join(str(p) for p in plot_evaluation(estimator, rows, args.plots)))
+    plots = plot_evaluation(estimator, rows, args.plots) if args.plots is not None else []
+    return f"evaluated on {len(rows)} rows; plots: {', '.join(str(p) for p in plots) or 'none (no --plots)'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lmms_adaptive.tools.estimator",
         description="Fit and evaluate the per-stage latency estimator from a profiling sweep's rows.",
+        formatter_class=HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, help="what to do (see COMMAND --help)")
     fit = commands.add_parser(
         "fit",
         help="fit on a profile folder (minus a held-out part), print the held-out evaluation, save the estimator",
         description="Fit on the training part of PROFILE_DIR, print the held-out evaluation, save the estimator "
         "JSON to --out and plots to the folder OUT_STEM_plots next to it.",
+        formatter_class=HelpFormatter,
     )
     fit.add_argument("profile_dir", help="folder written by `python -m lmms_adaptive.tools.profile`")
-    fit.add_argument("--out", type=Path, required=True, help="estimator JSON to write")
-    fit.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out (default 0.2)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the hold-out split (default 0)")
+    fit.add_argument("--out", type=Path, required=True, help="estimator JSON to write (required)")
+    fit.add_argument("--holdout", type=float, default=0.2, help="fraction of samples held out")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
     fit.set_defaults(run=_cmd_fit)
     ev = commands.add_parser(
         "evaluate",
         help="evaluate a saved estimator on a profile folder",
         description="Print the metrics of a saved estimator on every row of PROFILE_DIR, optionally with plots.",
+        formatter_class=HelpFormatter,
     )
     ev.add_argument("estimator", type=Path, help="estimator JSON written by `fit`")
     ev.add_argument("profile_dir", help="folder written by `python -m lmms_adaptive.tools.profile`")
-    ev.add_argument("--plots", type=Path, default=None, help="folder to write the plots to")
+    ev.add_argument("--plots", type=Path, default=None, help="folder to write the plots to (default: no plots)")
     ev.set_defaults(run=_cmd_evaluate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        log.info("estimator %s: %s; took %s", args.command, args.run(args), took(started))
     except (ValueError, FileNotFoundError) as err:
         log.error("%s", err)
         return 1

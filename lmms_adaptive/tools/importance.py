@@ -14,19 +14,20 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lmms_adaptive.core.checkpoint import IMPORTANCE_FILE
 from lmms_adaptive.core.model import LayerSchedule
 from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample
 from lmms_adaptive.serving.request import generation_config, task_style
+from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
 from lmms_adaptive.tools.profile import add_sample_args, load_model_and_samples
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def block_cosine(rt: AdaptiveMolmoe, samples: Sequence[TaskSample], style: str =
     schedule = rt.schedule(knobs.full_plan())
     totals = np.zeros(knobs.n_layers)
 
-    for sample in tqdm(samples, desc="importance (cosine)", unit="sample"):
+    for sample in progress(samples, desc="importance (cosine)", unit="sample"):
         request = rt.processor(
             sample.context, sample.images, max_crops=knobs.max_crops, style=task_style(sample.task, style)
         )
@@ -103,7 +104,7 @@ def block_drop_scores(
 
     base = mean_score(full)
     drops = []
-    for block in tqdm(range(knobs.n_layers), desc="importance (drop one block)", unit="block"):
+    for block in progress(range(knobs.n_layers), desc="importance (drop one block)", unit="block"):
         without = LayerSchedule(tuple(layer for layer in full.layers if layer[0] != block), full.renormalize)
         drops.append(base - mean_score(without))
     return drops
@@ -124,21 +125,30 @@ def importance(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lmms_adaptive.tools.importance", description=__doc__.split("\n\n")[0]
+        prog="python -m lmms_adaptive.tools.importance",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     add_sample_args(parser)
     parser.add_argument(
         "--drop-score", action="store_true", help="also measure the task-score drop of removing each block (slower)"
     )
     parser.add_argument("--out", type=Path, default=None, help=f"output file (default: <checkpoint>/{IMPORTANCE_FILE})")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    setup_logging()
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     rt, samples = load_model_and_samples(args)
     result = importance(rt, samples, args.drop_score, args.max_new_tokens)
     out = args.out or rt.folder / IMPORTANCE_FILE
     result.save(out)
+    log.info("importance: %d blocks ranked on %d samples -> %s; took %s", len(result.drop_order), len(samples), out,
+             took(started))  # fmt: skip
     print(f"drop order (least important first): {result.drop_order}\nwritten to {out}")
 
 

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -40,6 +41,7 @@ from lmms_adaptive.controllers.lookup import (
 )
 from lmms_adaptive.core.plan import KNOBS, KnobSpace, Plan
 from lmms_adaptive.serving.records import RequestRecord
+from lmms_adaptive.tools.cli import HelpFormatter, setup_logging, took
 from lmms_adaptive.tools.estimator import fit_estimator
 from lmms_adaptive.tools.profile import profile_knobs, read_profile
 
@@ -289,35 +291,32 @@ def _budgets(spec: str) -> list[float]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.lookup", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = p.add_subparsers(dest="command", required=True)
+                                formatter_class=HelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True, help="what to do (see COMMAND --help)")
     b = sub.add_parser(
         "build",
         help="build a lookup controller artifact from a profile folder",
         description=inspect.cleandoc(LookupTable.__doc__ or ""),
         epilog=inspect.cleandoc(comparison_set.__doc__ or "").split("\n\n", 1)[-1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     b.add_argument(
         "profile", type=Path, metavar="PROFILE_DIR", help="profile folder of `python -m lmms_adaptive.tools.profile`"
     )
-    b.add_argument("--out", type=Path, required=True, help="artifact to write, e.g. controllers/textvqa_h100.json")
     b.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default="mean",
-        help="per-plan expected score and pick rule (default mean)",
+        "--out", type=Path, required=True, help="artifact to write, e.g. controllers/textvqa_h100.json (required)"
     )
+    b.add_argument("--aggregation", choices=AGGREGATIONS, default="mean", help="per-plan expected score and pick rule")
     b.add_argument(
         "--latency-stat",
         default="p90",
-        help="statistic of a plan's measured total_ms compared with the budget: mean or pN (default p90)",
+        help="statistic of a plan's measured total_ms compared with the budget: mean or pN",
     )
     b.add_argument(
         "--tolerance",
         type=float,
         default=0.0,
-        help="accept plans scoring within this of the best fitting one, then take the fastest (default 0)",
+        help="accept plans scoring within this of the best fitting one, then take the fastest",
     )
     b.add_argument(
         "--request-aware",
@@ -331,20 +330,28 @@ def parser() -> argparse.ArgumentParser:
         help="latency estimator JSON for --request-aware (default: fit one on the profile rows)",
     )
     b.add_argument("--task", nargs="+", action="extend", default=[], help="use only rows of these tasks (default: all)")
-    s = sub.add_parser("show", help="print the plan an artifact chooses per budget")
-    s.add_argument("artifact", type=Path, metavar="ARTIFACT")
-    s.add_argument("--budgets", type=_budgets, required=True, help="comma-separated budgets in ms, e.g. 50,100,200")
+    s = sub.add_parser("show", help="print the plan an artifact chooses per budget", formatter_class=HelpFormatter)
+    s.add_argument("artifact", type=Path, metavar="ARTIFACT", help="lookup controller artifact written by `build`")
+    s.add_argument(
+        "--budgets", type=_budgets, required=True, help="comma-separated budgets in ms, e.g. 50,100,200 (required)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    setup_logging()
     p = parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "build" and args.estimator is not None and not args.request_aware:
         p.error("--estimator only applies with --request-aware")
     try:
-        print(build(args) if args.command == "build" else show(args))
+        if args.command == "build":
+            path = build(args)
+            log.info("lookup build: wrote %s; took %s", path, took(started))
+            print(path)
+        else:
+            print(show(args))
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
 

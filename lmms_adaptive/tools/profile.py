@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from lmms_adaptive.controllers.base import knob_space_from_json, knob_space_json
 from lmms_adaptive.controllers.static import StaticController
@@ -33,6 +33,7 @@ from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord, read_records
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, serve
+from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
 from lmms_adaptive.tools.runlog import exclusive
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ def read_profile(folder: str | Path) -> list[RequestRecord]:
     for row in _read_parquet(folder / ROWS_FILE) + journal:
         rows.setdefault(row_key(row), row)
     return list(rows.values())
+
+
+def count_rows(path: Path) -> int:
+    """The rows of a compacted rows.parquet, read from its footer."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def _arrow_schema():
@@ -213,7 +221,7 @@ def _sweep(
     if todo:
         rt.warmup([rt.knobs.full_plan(c) for c in sorted({p.max_crops for _, p in todo})])
     try:
-        for sample, plan in tqdm(todo, desc="profile", unit="row"):
+        for sample, plan in progress(todo, desc="profile", unit="row"):
             store.append(measure(rt, sample, plan, max_new_tokens, style, repeats))
     finally:
         path = store.compact()
@@ -229,20 +237,19 @@ def _sweep(
 def add_sample_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the model and the task samples (shared with `tools.importance`)."""
     parser.add_argument(
-        "--tasks", required=True, help="comma-separated lmms-eval task names (hub or --include-path ones)"
+        "--tasks", required=True, help="comma-separated lmms-eval task names, hub or --include-path ones (required)"
     )
-    parser.add_argument(
-        "--include-path", action="append", default=[], help="folder of task YAMLs (e.g. tasks); repeatable"
-    )
+    parser.add_argument("--include-path", action="append", default=[],
+                        help="folder of task YAMLs, e.g. tasks; repeatable (default: lmms-eval's tasks only)")  # fmt: skip
     parser.add_argument(
         "--limit", type=int, default=None, help="samples per task, drawn at random with --seed (default: all)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw (default 0)")
-    parser.add_argument("--pretrained", default=None, help="checkpoint folder (default: the built-in tiny model)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw")
+    parser.add_argument("--pretrained", default=None, help="checkpoint folder or hub id (default: the built-in tiny model)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help=f"when the task sets none (default {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
+                        help="the generation limit when the task sets none")  # fmt: skip
 
 
 def load_model_and_samples(args: argparse.Namespace) -> tuple[AdaptiveMolmoe, list[TaskSample]]:
@@ -250,16 +257,22 @@ def load_model_and_samples(args: argparse.Namespace) -> tuple[AdaptiveMolmoe, li
     return rt, load_samples([t for t in args.tasks.split(",") if t], args.include_path, args.limit, args.seed)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.profile", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.profile", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument("out", type=Path, help="profile folder (rows.parquet); re-running resumes")
     add_sample_args(parser)
-    parser.add_argument(
-        "--grid", default=None, help='narrow the knob grid, e.g. "max_crops=3,12;top_k=4,8;n_blocks=12,16;insert_pos=1"'
-    )
+    parser.add_argument("--grid", default=None, help='narrow the knob grid, e.g. "max_crops=3,12;top_k=4,8;n_blocks=12,16;'
+                        'insert_pos=1" (default: every plan of the knob space)')  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per row; latencies are the medians (use 3+ on a machine shared with other work)")  # fmt: skip
+                        help="runs per row; latencies are the medians, use 3+ on a machine shared with other work")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    setup_logging()
+    parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -268,7 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         plans = rt.knobs.plans(parse_grid(args.grid))
     except ValueError as err:
         parser.error(f"--grid: {err}")
-    print(sweep(rt, samples, plans, args.out, args.max_new_tokens, repeats=args.repeats))
+    path = sweep(rt, samples, plans, args.out, args.max_new_tokens, repeats=args.repeats)
+    log.info("profile: %d rows (%d samples x %d plans) in %s; took %s", count_rows(path), len(samples), len(plans),
+             path, took(started))  # fmt: skip
+    print(path)
 
 
 if __name__ == "__main__":

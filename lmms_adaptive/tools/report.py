@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from lmms_adaptive.controllers import LOADERS
 from lmms_adaptive.core.checkpoint import resolve_checkpoint
 from lmms_adaptive.core.plan import Plan
 from lmms_adaptive.serving.records import RequestRecord, read_records, summarize
+from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
 from lmms_adaptive.tools.lookup import oracle_summary
 from lmms_adaptive.tools.profile import read_profile
 from lmms_adaptive.tools.results import RECORDS_DIR, latest_results, primary_metric
@@ -497,7 +498,7 @@ def compare(
     ]
     todo = [job for job in jobs if not is_complete(job.folder)]
     log.info("compare: %d runs, %d to evaluate, %d already done", len(jobs), len(todo), len(jobs) - len(todo))
-    for job in tqdm(todo, desc="compare", unit="run"):
+    for job in progress(todo, desc="compare", unit="run"):
         run_job(job)
     return write_report([load_run(job.folder) for job in jobs], out, profile)
 
@@ -515,30 +516,50 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The report over existing runs (`compare` has its own parser, `build_compare_parser`)."""
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.report", description=__doc__.split("\n\n")[0],
+                                     epilog="Subcommand: `compare` (see `python -m lmms_adaptive.tools.report compare --help`).",
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders above them")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the report (required)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile folder: plan points and oracle rows (default: none)")  # fmt: skip
+    return parser
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.report compare",
+                                     description="Run lmms-eval per (controller, budget), then write the report.",
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--controllers",
+        required=True,
+        help="comma-separated: static, lookup, grpo (the model's shipped artifacts) and/or NAME=ARTIFACT_FILE (required)",
+    )
+    parser.add_argument("--budgets", type=_floats, default=None,
+                        help="comma-separated ms (default: 5 budgets spread over the --profile latencies)")  # fmt: skip
+    parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names (required)")
+    parser.add_argument("--include-path", type=Path, default=None,
+                        help="folder of task YAMLs, e.g. tasks (default: lmms-eval's tasks only)")  # fmt: skip
+    parser.add_argument(
+        "--limit", type=int, default=None, help="documents per task, as lmms-eval --limit (default: all)"
+    )
+    parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint folder or hub id (default: the built-in model)")
+    parser.add_argument("--model-args", default=None,
+                        help="extra model_args, e.g. device=cuda,max_new_tokens=16 (default: none)")  # fmt: skip
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile folder: plan points, oracle rows, default budgets (default: none)")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="output folder, runs/ and the report (required)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if argv[:1] == ["compare"]:
-        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.report compare",
-                                         description="Run lmms-eval per (controller, budget), then write the report.")  # fmt: skip
-        parser.add_argument(
-            "--controllers",
-            required=True,
-            help="comma-separated: static, lookup, grpo (the model's shipped artifacts) and/or NAME=ARTIFACT_FILE",
-        )
-        parser.add_argument("--budgets", type=_floats, default=None,
-                            help="comma-separated ms (default: 5 budgets spread over the --profile latencies)")  # fmt: skip
-        parser.add_argument("--tasks", required=True, help="comma-separated lmms-eval task names")
-        parser.add_argument("--include-path", type=Path, default=None, help="folder of task YAMLs (e.g. tasks)")
-        parser.add_argument("--limit", type=int, default=None, help="documents per task (lmms-eval --limit)")
-        parser.add_argument(
-            "--pretrained", type=Path, default=None, help="checkpoint folder (default: the built-in model)"
-        )
-        parser.add_argument("--model-args", default=None, help="extra model_args, e.g. device=cuda,max_new_tokens=16")
-        parser.add_argument(
-            "--profile", type=Path, default=None, help="profile folder: plan points, oracle rows, default budgets"
-        )
-        parser.add_argument("--out", type=Path, required=True, help="output folder (runs/ and the report)")
+        parser = build_compare_parser()
         args = parser.parse_args(argv[1:])
         profile = _read_profile(args.profile)
         if args.budgets is None and not profile:
@@ -564,12 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 1
+        n_runs = len(controllers) * len(budgets)
+        log.info("compare: %d runs in %s, report %s; took %s", n_runs, Path(args.out) / "runs", path, took(started))
     else:
-        parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.report", description=__doc__.split("\n\n")[0],
-                                         epilog="Subcommand: `compare` (see `python -m lmms_adaptive.tools.report compare --help`).")  # fmt: skip
-        parser.add_argument("runs", nargs="+", type=Path, help="run folders, or folders above them")
-        parser.add_argument("--out", type=Path, required=True, help="output folder of the report")
-        parser.add_argument("--profile", type=Path, default=None, help="profile folder: plan points and oracle rows")
+        parser = build_parser()
         args = parser.parse_args(argv)
         folders = discover_runs(args.runs)
         if not folders:
@@ -577,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"no run folders (with {RECORDS_DIR}/ records or *_results.json) under {', '.join(map(str, args.runs))}"
             )
         path = write_report([load_run(f) for f in folders], args.out, _read_profile(args.profile))
+        log.info("report: %d runs -> %s; took %s", len(folders), path, took(started))
     print(path)
     return 0
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lmms_adaptive.serving.records import RequestRecord, read_records, summarize
+from lmms_adaptive.tools.cli import HelpFormatter
 
 RECORDS_DIR = "adaptive_molmoe"  # the plugin's record folder under lmms-eval's --output_path
 
@@ -161,15 +162,22 @@ def below_floor(results: dict[str, Any], task: str, metric: str, floor: float) -
     return None if values[0] >= floor else f"{task} {metric} = {values[0]:.4f} < floor {floor}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.results", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmms_adaptive.tools.results", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument("output_path", type=Path, help="the --output_path given to lmms-eval")
-    parser.add_argument("--tasks", required=True, help="comma-separated task names that must have metrics")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names that must have metrics (required)")
     parser.add_argument("--format-checks", default="", metavar="TASKS",
-                        help="comma-separated tasks to mark as format checks (real-benchmark configs on fixtures)")  # fmt: skip
+                        help="comma-separated tasks to mark as format checks, real-benchmark configs on fixtures "
+                        "(default: none)")  # fmt: skip
     parser.add_argument("--floor", type=parse_floor, action="append", default=[], metavar="TASK:METRIC=VALUE",
-                        help="a metric that must reach VALUE (repeatable), e.g. synth_vqa_test:exact_match=0.3")  # fmt: skip
-    args = parser.parse_args(argv)
+                        help="a metric that must reach VALUE (repeatable), e.g. synth_vqa_test:exact_match=0.3 "
+                        "(default: none)")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         path, results = latest_results(args.output_path)
     except FileNotFoundError as err:

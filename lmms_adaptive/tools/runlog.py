@@ -1,10 +1,11 @@
 """Run folders of the resumable commands: one process at a time per folder, the settings a run was started
-with, CSV logs cut back to the saved step on resume, and atomic state files."""
+with, CSV logs cut back to the saved step on resume, atomic state files, and TensorBoard curves."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 
 class FolderInUse(RuntimeError):
@@ -96,3 +99,34 @@ def plot_with_mean(
             steps[window - 1 :], np.convolve(values, np.ones(window) / window, mode="valid"), label=f"mean of {window}"
         )
     ax.legend(fontsize=7)
+
+
+class TensorBoardCurves:
+    """A CSV log's numeric columns, also as TensorBoard scalars `<prefix>/<column>` in `folder`, when the optional
+    `tensorboard` package is installed; without it, one log line says so and `add` does nothing.
+
+    `start`: the step a (resumed) run continues from; TensorBoard drops the events a previous process wrote
+    from that step on, as `truncate_csv` drops the CSV rows."""
+
+    def __init__(self, folder: Path, prefix: str, start: int) -> None:
+        self.prefix = prefix
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed: no TensorBoard curves (pip install tensorboard to get them)")
+            self._writer = None
+            return
+        self._writer = SummaryWriter(str(folder), purge_step=start, flush_secs=10)
+        log.info("TensorBoard curves: %s", folder)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """The row's numbers at its `step` (empty cells, e.g. a loss of a step without an update, are skipped)."""
+        if self._writer is None:
+            return
+        for name, value in row.items():
+            if name != "step" and isinstance(value, int | float):
+                self._writer.add_scalar(f"{self.prefix}/{name}", value, int(row["step"]))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from lmms_adaptive.controllers.base import Controller, Stage1
 from lmms_adaptive.controllers.grpo import GRPOController, PolicyDims, PolicyRequest, TwoStagePolicy, request_features
@@ -47,8 +46,10 @@ from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
 from lmms_adaptive.serving.records import RequestRecord, summarize
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, Request, serve
+from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
 from lmms_adaptive.tools.grpo import GRPOConfig, GRPORun, Penalty, StepStats
 from lmms_adaptive.tools.runlog import (
+    TensorBoardCurves,
     check_settings,
     exclusive,
     plot_with_mean,
@@ -223,7 +224,7 @@ def evaluate(
     results = []
     for budget in budgets:
         scored: dict[str, list[RequestRecord]] = {}
-        for sample in tqdm(samples, desc=f"eval @ {budget:g} ms", unit="request", leave=False):
+        for sample in progress(samples, desc=f"eval @ {budget:g} ms", unit="request", leave=False):
             served = serve(rt, controller, sample.request(budget, max_new_tokens))
             scored.setdefault(sample.task, []).append(replace(served.record, score=sample.score(served.text)))
         for task, records in sorted(scored.items()):
@@ -289,6 +290,7 @@ class RunFolder:
         self.eval_csv = root / "eval.csv"
         self.eval_json = root / "eval.json"
         self.curves = root / "curves.png"
+        self.tensorboard = root / "tensorboard"
 
 
 def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Path:
@@ -317,16 +319,20 @@ def _train(run: RunFolder, cfg: TrainConfig, device: str | None, dtype: str | No
         rt.warmup([rt.knobs.full_plan(c) for c in rt.knobs.tiers])
     elapsed = float(read_rows(run.metrics)[-1]["seconds"]) if run.metrics.is_file() and trainer.step else 0.0
     began = time.perf_counter() - elapsed
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="grpo", unit="step")
+    bar = progress(total=cfg.steps, initial=trainer.step, desc="grpo", unit="step")
+    board = TensorBoardCurves(run.tensorboard, "grpo", trainer.step)
     while not trainer.done:
         lr = trainer.schedule.get_last_lr()[-1]
         stats = trainer.advance()
-        write_rows(run.metrics, [metrics_row(trainer.step - 1, stats, lr, time.perf_counter() - began)], METRIC_COLUMNS)
+        row = metrics_row(trainer.step - 1, stats, lr, time.perf_counter() - began)
+        write_rows(run.metrics, [row], METRIC_COLUMNS)
+        board.add(row)
         bar.update(1)
-        bar.set_postfix(reward=f"{stats.reward_mean:.2f}", violations=f"{stats.violation_rate:.2f}")
+        bar.set_postfix(reward=f"{stats.reward_mean:.2f}", violations=f"{stats.violation_rate:.2f}", refresh=False)
         if trainer.step % cfg.save_every == 0 or trainer.done:
             save_atomic(trainer.state_dict(), run.state)
     bar.close()
+    board.close()
     seconds = float(read_rows(run.metrics)[-1]["seconds"])
     training = {
         "tasks": list(cfg.tasks), "n_samples": len(samples), "steps": cfg.steps, "group_size": cfg.group_size,
@@ -419,16 +425,45 @@ def load_settings(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
+SETTING_HELP = {
+    "pretrained": "checkpoint folder or hub id (default: the built-in tiny model)",
+    "tasks": "lmms-eval tasks to train on, comma-separated",
+    "include_path": "folders of task YAMLs, comma-separated (default: the source checkout's tasks/ when there is one)",
+    "limit": "training samples per task, a seeded draw (default: all)",
+    "eval_tasks": "held-out tasks the trained controller is evaluated on, comma-separated; empty for none",
+    "eval_limit": "evaluation samples per task; none for all",
+    "eval_budgets_ms": "evaluation budgets in ms, comma-separated (default: 5 spread log-evenly over --budget-range-ms)",
+    "steps": "GRPO steps",
+    "group_size": "plans sampled per request, each judged against its group",
+    "requests_per_step": "requests drawn per step, each with a log-uniform budget",
+    "budget_range_ms": "LOW,HIGH range of training budgets in ms",
+    "lr": "learning rate; the stage-1 head's is lr x stage1_lr_scale",
+    "stage1_lr_scale": "the stage-1 head's learning rate relative to --lr",
+    "clip_eps": "PPO-style ratio clip",
+    "kl_coef": "weight of the KL penalty to the policy at the start of training",
+    "entropy_coef": "weight of the entropy bonus",
+    "epochs": "clipped updates on each step's groups",
+    "penalty": "constant reward penalty of a request over its budget",
+    "penalty_per_overshoot": "added penalty per unit of relative overshoot, latency / budget - 1",
+    "penalty_cap": "the relative overshoot counted at most",
+    "latency_cost": "reward lost to a full budget of latency within it (spend latency only where it buys score)",
+    "max_new_tokens": "the generation limit when a task's gen_kwargs set none",
+    "save_every": "steps between saved states (the resume points)",
+    "seed": "seed of the policy, the sample and budget draws",
+}
+
+
 def parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m lmms_adaptive.train",
         description=__doc__.split("\n\n")[0],
         epilog="Re-running with the same folder and settings resumes from the last saved step.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("out", type=Path, help="run folder (settings, state, logs, controller.json, eval)")
-    p.add_argument("--config", type=Path, default=None, help="YAML file of settings (the names below, with _)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML file of settings, the names below with _; flags override it (default: none)")  # fmt: skip
     p.add_argument(
         "--device", default=None, help="cuda or cpu (default: cuda when available); not part of the run's settings"
     )
@@ -436,21 +471,32 @@ def parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        text = SETTING_HELP[f.name]
         p.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, help=f"(default {shown})"
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=text if "(default" in text else f"{text} (default: {shown})",
         )
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
     args = vars(parser().parse_args(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     out, config, device, dtype = args.pop("out"), args.pop("config"), args.pop("device"), args.pop("dtype")
     try:
         cfg = load_settings(config, args)
     except ValueError as err:
         raise SystemExit(f"python -m lmms_adaptive.tools.train: {err}") from None
-    print(train(out, cfg, device, dtype))
+    artifact = train(out, cfg, device, dtype)
+    run = RunFolder(out)
+    written = [p.name for p in (run.metrics, run.curves, run.eval_csv, run.tensorboard) if p.exists()]
+    log.info(
+        "train: %d steps; %s and %s in %s; took %s", cfg.steps, artifact.name, ", ".join(written), out, took(started)
+    )
+    print(artifact)
 
 
 if __name__ == "__main__":
