@@ -245,7 +245,9 @@ def add_sample_args(parser: argparse.ArgumentParser) -> None:
         "--limit", type=int, default=None, help="samples per task, drawn at random with --seed (default: all)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample draw")
-    parser.add_argument("--pretrained", default=None, help="checkpoint folder or hub id (default: the built-in tiny model)")
+    parser.add_argument(
+        "--pretrained", default=None, help="checkpoint folder or hub id (default: the built-in tiny model)"
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,

@@ -545,7 +545,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", type=int, default=None, help="documents per task, as lmms-eval --limit (default: all)"
     )
-    parser.add_argument("--pretrained", type=Path, default=None, help="checkpoint folder or hub id (default: the built-in model)")
+    parser.add_argument(
+        "--pretrained", type=Path, default=None, help="checkpoint folder or hub id (default: the built-in model)"
+    )
     parser.add_argument("--model-args", default=None,
                         help="extra model_args, e.g. device=cuda,max_new_tokens=16 (default: none)")  # fmt: skip
     parser.add_argument("--profile", type=Path, default=None,
