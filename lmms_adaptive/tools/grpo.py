@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-from lmms_adaptive.controllers.grpo import PolicyRequest, TwoStagePolicy
+from lmms_adaptive.controllers.grpo import PolicyRequest, Rollout, TwoStagePolicy
 from lmms_adaptive.core.plan import Plan
 from lmms_adaptive.serving.ranks import SINGLE, Ranks
 
@@ -193,9 +193,7 @@ def grpo_step(
     n = cfg.group_size
     requests = [env.sample_request(rng, sample_budget(cfg.budget_range_ms, rng)) for _ in range(cfg.requests_per_step)]
     rollouts = policy.sample_groups(requests, n, rng)
-    runs_done = {(i, j): env.run(requests[i], rollouts[i].plans[j]) for i, j in ranks.shard(list(_pairs(requests, n)))}
-    runs_done = {key: result for part in ranks.gather(runs_done) for key, result in part.items()}
-    results = [[runs_done[(i, j)] for j in range(n)] for i in range(len(requests))]
+    results = run_rollouts(env, requests, rollouts, ranks)
     rewards = torch.tensor(
         [[reward(s, lat, r.budget_ms, cfg.penalty) for s, lat in group] for r, group in zip(requests, results)]
     )
@@ -219,7 +217,7 @@ def grpo_step(
         loss, stats = clipped_pg_loss(logp_new, logp_old[mine], advantages[mine], cfg.clip_eps, cfg.kl_coef, my_ref)
         loss = loss - cfg.entropy_coef * entropy_new.mean()
         optimizer.zero_grad()
-        (loss * weight if ranks.world > 1 else loss).backward()
+        (loss * weight).backward()
         ranks.sum_grads(list(policy.parameters()))
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -239,9 +237,15 @@ def grpo_step(
     )
 
 
-def _pairs(requests: Sequence[Any], n: int) -> Iterator[tuple[int, int]]:
-    """(request index, plan index) of every rollout of a step, request by request."""
-    return ((i, j) for i in range(len(requests)) for j in range(n))
+def run_rollouts(
+    env: Environment, requests: Sequence[PolicyRequest], rollouts: Sequence[Rollout], ranks: Ranks = SINGLE
+) -> list[list[tuple[float, float]]]:
+    """(score, latency) of every sampled plan, request by request: each rank runs its share of the plans
+    (every `world`-th one) and every rank gets all the results."""
+    pairs = [(i, j) for i, rollout in enumerate(rollouts) for j in range(len(rollout.plans))]
+    mine = {(i, j): env.run(requests[i], rollouts[i].plans[j]) for i, j in ranks.shard(pairs)}
+    done = {key: result for part in ranks.gather(mine) for key, result in part.items()}
+    return [[done[(i, j)] for j in range(len(rollout.plans))] for i, rollout in enumerate(rollouts)]
 
 
 class GRPORun:
