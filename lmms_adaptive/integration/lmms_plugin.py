@@ -207,15 +207,25 @@ class AdaptiveMolmoeLMM(lmms):
         self._records.append(record)
 
     def _report(self, records: list[RequestRecord]) -> None:
-        """Aggregates into lmms-eval's results (`throughput`) and a summary JSON beside the records. Under
-        several processes every rank calls this (lmms-eval runs each request type on all ranks): rank 0 then
-        reports over the records of all ranks (padding clones are never recorded, see `_record`), once the
-        others are done, beside its own records (or those of the first rank that has some)."""
-        paths = self.ranks.gather(None if self._writer is None else str(self._writer.path))
-        records = [r for part in self.ranks.gather(records) for r in part]
-        written = [Path(p) for p in paths if p is not None]
-        if not records or not written or not self.ranks.main:
-            return
+        """One process: the records of a generate_until / loglikelihood call into lmms-eval's results
+        (`throughput`) and a summary JSON beside them. Several: `clean` reports once over all ranks."""
+        if self.ranks.world == 1 and records and self._writer is not None:
+            self._write_report(records, [self._writer.path])
+
+    def clean(self) -> None:
+        """lmms-eval calls this on every rank once all requests are served (a response cache may have kept a
+        rank from calling generate_until at all): under several processes rank 0 gathers every rank's
+        records (padding clones are never recorded, see `_record`) and reports over all of them, beside its
+        own records (or those of the first rank that has some)."""
+        if self.ranks.world > 1:
+            paths = self.ranks.gather(None if self._writer is None else str(self._writer.path))
+            records = [r for part in self.ranks.gather(self._records) for r in part]
+            written = [Path(p) for p in paths if p is not None]
+            if self.ranks.main and records and written:
+                self._write_report(records, written)
+        super().clean()
+
+    def _write_report(self, records: list[RequestRecord], record_files: list[Path]) -> None:
         stats = summarize(records)
         metrics = {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         metrics["total_requests"] = len(records)
@@ -234,9 +244,9 @@ class AdaptiveMolmoeLMM(lmms):
             "by_task": summarize_by_task(records),
             "controller": self.controller.describe(),
             "budget_ms": self.budget,
-            "record_files": [p.name for p in written],
+            "record_files": [p.name for p in record_files],
         }
-        path = written[0].with_suffix(".summary.json")
+        path = record_files[0].with_suffix(".summary.json")
         path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
     # -- requests ---------------------------------------------------------------------------------
