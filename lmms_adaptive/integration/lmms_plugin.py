@@ -4,9 +4,11 @@
         --include_path tasks --tasks textvqa_val_local,mme_local,pope_local --output_path out
 
 Requests run one at a time through `serving.request.serve` (the budget is per request). Every request's
-record is a line of `<log_dir>/adaptive_molmoe_<time>_rank<r>.jsonl`; aggregates go to lmms-eval's results
-(`throughput`) through `log_metrics` and to a `summary` JSON next to the records; answers carry token counts
-(lmms-eval's `efficiency` section). `pretrained` is a folder or a hub id (`revision=` optional).
+record is a line of `<log_dir>/adaptive_molmoe_<time>_rank<r>_pid<pid>.jsonl`; aggregates go to lmms-eval's
+results (`throughput`) through `log_metrics` and to a `summary` JSON next to the records; answers carry token
+counts (lmms-eval's `efficiency` section). `pretrained` is a folder or a hub id (`revision=` optional). Under
+`accelerate launch --num_processes N` each rank serves its shard on its own device into its own record file,
+and rank 0 writes the one summary over all ranks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lmms_adaptive.core.checkpoint import resolve_checkpoint
 from lmms_adaptive.core.plan import TIER_NAMES, Plan
 from lmms_adaptive.core.runtime import AdaptiveMolmoe, GenerationConfig
 from lmms_adaptive.integration.tasks import question_type
+from lmms_adaptive.serving.ranks import Ranks
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord, summarize, summarize_by_task
 from lmms_adaptive.serving.request import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -112,10 +115,11 @@ class AdaptiveMolmoeLMM(lmms):
             raise ModelArgError(f"pretrained={pretrained!r}: {err}") from None
 
         accelerator = Accelerator()
-        if accelerator.num_processes > 1:
-            device = f"cuda:{accelerator.local_process_index}"
-            self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
+        if accelerator.num_processes > 1:  # each rank on the device accelerate gives it (a GPU, or the CPU)
+            device = str(accelerator.device)
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         self.accelerator = accelerator
+        self.ranks = Ranks(self._rank, self._world_size, device)
         self.rt = AdaptiveMolmoe.from_pretrained(folder, device=device, dtype=dtype)
         self._device = self.rt.device
         self.budget = float(budget) if budget is not None else None
@@ -207,15 +211,31 @@ class AdaptiveMolmoeLMM(lmms):
 
     def _record(self, request: Instance, record: RequestRecord) -> None:
         if request.metadata and request.metadata.get("__padding_only__"):
-            return  # multi-GPU padding clone: answered, not measured
+            return  # lmms-eval's clone of a rank's last request, evening out the shards: answered, not recorded
         self._writer_for(request).write(record)
         self._records.append(record)
 
     def _report(self, records: list[RequestRecord]) -> None:
-        """Aggregates into lmms-eval's results (`throughput`, printed as its Throughput Summary table: latency
-        mean / p95 in ms, budget violations in %, ...) and a summary JSON beside the records."""
-        if not records or self._writer is None:
-            return
+        """One process: the records of a generate_until / loglikelihood call into lmms-eval's results
+        (`throughput`, printed as its Throughput Summary: latency mean / p95 in ms, budget violations in %) and a
+        summary JSON beside them. Several: `clean` reports once over all ranks."""
+        if self.ranks.world == 1 and records and self._writer is not None:
+            self._write_report(records, [self._writer.path])
+
+    def clean(self) -> None:
+        """lmms-eval calls this on every rank once all requests are served (a response cache may have kept a
+        rank from calling generate_until at all): under several processes rank 0 gathers every rank's
+        records (padding clones are never recorded, see `_record`) and reports over all of them, beside its
+        own records (or those of the first rank that has some)."""
+        if self.ranks.world > 1:
+            paths = self.ranks.gather(None if self._writer is None else str(self._writer.path))
+            records = [r for part in self.ranks.gather(self._records) for r in part]
+            written = [Path(p) for p in paths if p is not None]
+            if self.ranks.main and records and written:
+                self._write_report(records, written)
+        super().clean()
+
+    def _write_report(self, records: list[RequestRecord], record_files: list[Path]) -> None:
         stats = summarize(records)
         metrics = {k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         if metrics.pop("violation_rate", None) is not None:
@@ -236,8 +256,9 @@ class AdaptiveMolmoeLMM(lmms):
             "by_task": summarize_by_task(records),
             "controller": self.controller.describe(),
             "budget_ms": self.budget,
+            "record_files": [p.name for p in record_files],
         }
-        path = self._writer.path.with_suffix(".summary.json")
+        path = record_files[0].with_suffix(".summary.json")
         path.write_text(json.dumps(summary, indent=2, allow_nan=False))
 
     # -- requests ---------------------------------------------------------------------------------

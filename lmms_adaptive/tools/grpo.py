@@ -8,21 +8,27 @@ apply `epochs` clipped policy-gradient updates on all the groups together; final
 statistics take in the step's requests (after the updates, so one step's sampling and losses all see
 the same normalisation). The environment (the real one runs MolmoE and scores with the task's own
 `process_results`) only has to implement `Environment`.
+
+Under several processes (`serving.ranks.Ranks`) every rank draws the same requests and plans (same seed, same
+weights), runs its share of the plans (each measures its own latencies on its own device), and all ranks get
+every result; each computes the loss on its share of the samples, the gradients are summed over the ranks
+(the whole batch's gradient) and every rank takes the same step, so the weights stay equal everywhere.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-from lmms_adaptive.controllers.grpo import PolicyRequest, TwoStagePolicy
+from lmms_adaptive.controllers.grpo import PolicyRequest, Rollout, TwoStagePolicy
 from lmms_adaptive.core.plan import Plan
+from lmms_adaptive.serving.ranks import SINGLE, Ranks
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,7 @@ def grpo_step(
     cfg: GRPOConfig,
     rng: torch.Generator,
     reference: TwoStagePolicy | None = None,
+    ranks: Ranks = SINGLE,
 ) -> StepStats:
     """`cfg.requests_per_step` requests, a group of `cfg.group_size` plans each (advantages normalised
     within each group), then `cfg.epochs` clipped updates on all of them together.
@@ -193,7 +200,7 @@ def grpo_step(
     n = cfg.group_size
     requests = [env.sample_request(rng, sample_budget(cfg.budget_range_ms, rng)) for _ in range(cfg.requests_per_step)]
     rollouts = policy.sample_groups(requests, n, rng)
-    results = [[env.run(r, plan) for plan in ro.plans] for r, ro in zip(requests, rollouts)]
+    results = run_rollouts(env, requests, rollouts, ranks)
     rewards = torch.tensor(
         [[reward(s, lat, r.budget_ms, cfg.penalty) for s, lat in group] for r, group in zip(requests, results)]
     )
@@ -207,14 +214,22 @@ def grpo_step(
         logp_ref = reference.log_prob(*inputs) if reference is not None else None
     updated = bool(advantages.any()) or cfg.kl_coef > 0 or cfg.entropy_coef > 0
     stats = None
+    share = ranks.shard(range(len(advantages)))  # this rank's samples of the loss (all of them for one rank)
+    mine = torch.tensor(share, device=logp_old.device)
+    my_inputs = ([inputs[0][i] for i in share], *(x[mine.to(x.device)] for x in inputs[1:]))
+    my_ref = None if logp_ref is None else logp_ref[mine]
+    weight = len(share) / len(advantages)  # losses are means: the ranks' weighted ones sum to the batch's
     for _ in range(cfg.epochs if updated else 0):
-        logp_new, entropy_new = policy.evaluate(*inputs)
-        loss, stats = clipped_pg_loss(logp_new, logp_old, advantages, cfg.clip_eps, cfg.kl_coef, logp_ref)
+        logp_new, entropy_new = policy.evaluate(*my_inputs)
+        loss, stats = clipped_pg_loss(logp_new, logp_old[mine], advantages[mine], cfg.clip_eps, cfg.kl_coef, my_ref)
         loss = loss - cfg.entropy_coef * entropy_new.mean()
         optimizer.zero_grad()
-        loss.backward()
+        (loss * weight).backward()
+        ranks.sum_grads(list(policy.parameters()))
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
         optimizer.step()
+    if stats is not None and ranks.world > 1:
+        stats = LossStats(*ranks.sum(torch.tensor(astuple(stats), dtype=torch.float64) * weight).tolist())
     for model in (policy, reference) if reference is not None else (policy,):
         model.observe(question[::n], features[::n], hidden)
     runs = [(s, lat, r.budget_ms) for r, group in zip(requests, results) for s, lat in group]
@@ -229,6 +244,17 @@ def grpo_step(
     )
 
 
+def run_rollouts(
+    env: Environment, requests: Sequence[PolicyRequest], rollouts: Sequence[Rollout], ranks: Ranks = SINGLE
+) -> list[list[tuple[float, float]]]:
+    """(score, latency) of every sampled plan, request by request: each rank runs its share of the plans
+    (every `world`-th one) and every rank gets all the results."""
+    pairs = [(i, j) for i, rollout in enumerate(rollouts) for j in range(len(rollout.plans))]
+    mine = {(i, j): env.run(requests[i], rollouts[i].plans[j]) for i, j in ranks.shard(pairs)}
+    done = {key: result for part in ranks.gather(mine) for key, result in part.items()}
+    return [[done[(i, j)] for j in range(len(rollout.plans))] for i, rollout in enumerate(rollouts)]
+
+
 class GRPORun:
     """A resumable GRPO run of `steps` steps: the policy, its optimizer and linearly decaying lr (with
     `cfg.lr_decay`), the frozen reference for the KL term (with `cfg.kl_coef`), the rng and the step.
@@ -239,12 +265,14 @@ class GRPORun:
     measures the weights' drift only. `state_dict` / `load_state_dict` carry all of it across restarts.
     """
 
-    def __init__(self, policy: TwoStagePolicy, env: Environment, cfg: GRPOConfig, steps: int) -> None:
+    def __init__(
+        self, policy: TwoStagePolicy, env: Environment, cfg: GRPOConfig, steps: int, ranks: Ranks = SINGLE
+    ) -> None:
         if tuple(policy.budget_range_ms) != tuple(map(float, cfg.budget_range_ms)):
             raise ValueError(
                 f"the policy's budget range {policy.budget_range_ms} must be the training range {cfg.budget_range_ms}"
             )
-        self.policy, self.env, self.cfg, self.steps = policy, env, cfg, steps
+        self.policy, self.env, self.cfg, self.steps, self.ranks = policy, env, cfg, steps, ranks
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.optimizer = make_optimizer(policy, cfg)
         decay = (lambda step: 1.0 - step / steps) if cfg.lr_decay else (lambda step: 1.0)
@@ -257,7 +285,7 @@ class GRPORun:
         return self.step >= self.steps
 
     def advance(self) -> StepStats:
-        stats = grpo_step(self.policy, self.optimizer, self.env, self.cfg, self.rng, self.reference)
+        stats = grpo_step(self.policy, self.optimizer, self.env, self.cfg, self.rng, self.reference, self.ranks)
         self.schedule.step()
         self.step += 1
         return stats
@@ -288,9 +316,10 @@ def train(
     cfg: GRPOConfig,
     steps: int,
     on_step: Callable[[int, StepStats], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[StepStats]:
     """`steps` GRPO steps in one go (see `GRPORun`), seeded by `cfg.seed`; the initial weights are the caller's."""
-    run = GRPORun(policy, env, cfg, steps)
+    run = GRPORun(policy, env, cfg, steps, ranks)
     history = []
     while not run.done:
         stats = run.advance()

@@ -10,6 +10,12 @@ task's own `process_results`, and appends the request's record with its `score`.
 into `OUT_DIR/rows.parquet` at the end of a sweep; re-running skips every row already there. Warm-up
 requests are not recorded. `OUT_DIR/profile.json` names the model (fingerprint and knob space) the rows
 belong to; a sweep of another model into the same folder is refused.
+
+Under `accelerate launch --num_processes N` the (sample, plan) grid is dealt out over the ranks (`Ranks.shard`:
+every N-th row), each rank measures its rows at batch size 1 on its own device into its own
+`journal.rank<r>.jsonl`, and rank 0 compacts all journals into `rows.parquet` once every rank is done. Rows
+already in the folder are skipped whatever world size wrote them, so an interrupted run resumes (each rank
+its own rows) with the same or another number of processes. Rank 0 holds the folder lock for the run.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -31,6 +38,7 @@ from lmms_adaptive.controllers.static import StaticController
 from lmms_adaptive.core.plan import KNOBS, KnobSpace, Plan
 from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
+from lmms_adaptive.serving.ranks import SINGLE, Ranks, init
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord, read_records
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, serve
 from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
@@ -54,12 +62,22 @@ def row_key(row: RequestRecord) -> tuple[str, int, str]:
     return row.task, row.doc_id, row.plan.key
 
 
+def journal_name(ranks: Ranks) -> str:
+    """`journal.jsonl` for a single process, `journal.rank<r>.jsonl` for rank r of several."""
+    return JOURNAL_FILE if ranks.world == 1 else f"journal.rank{ranks.rank}.jsonl"
+
+
+def journals(folder: Path) -> list[Path]:
+    """The journals in a profile folder: the single process's and any rank's."""
+    return sorted(folder.glob("journal*.jsonl"))
+
+
 def read_profile(folder: str | Path) -> list[RequestRecord]:
     """Every row of a profile folder (Parquet plus journal rows not yet compacted), without duplicates."""
     folder = Path(folder)
-    if not (folder / ROWS_FILE).is_file() and not (folder / JOURNAL_FILE).is_file():
+    if not (folder / ROWS_FILE).is_file() and not journals(folder):
         raise FileNotFoundError(f"no profile rows in {folder} (expected {ROWS_FILE} or {JOURNAL_FILE})")
-    journal = read_records(folder / JOURNAL_FILE) if (folder / JOURNAL_FILE).is_file() else []
+    journal = [row for path in journals(folder) for row in read_records(path)]
     rows: dict[tuple[str, int, str], RequestRecord] = {}
     for row in _read_parquet(folder / ROWS_FILE) + journal:
         rows.setdefault(row_key(row), row)
@@ -97,10 +115,11 @@ def _read_parquet(path: Path) -> list[RequestRecord]:
 
 
 class ProfileStore:
-    """A profile folder being written for one model: which rows exist, appending one, compacting to Parquet."""
+    """A profile folder being written for one model: which rows exist, appending one (to this rank's
+    journal), compacting all journals to Parquet."""
 
-    def __init__(self, folder: Path, model_fingerprint: str, knobs: KnobSpace) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, model_fingerprint: str, knobs: KnobSpace, journal: str = JOURNAL_FILE) -> None:
+        self.folder, self.journal = folder, journal
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"model_fingerprint": model_fingerprint, "knob_space": knob_space_json(knobs)}
         if (folder / META_FILE).is_file():
@@ -114,17 +133,18 @@ class ProfileStore:
             (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         existing = read_profile(folder) if self._has_rows() else []
         self.done = {row_key(r) for r in existing}
-        self._journal = RecordWriter(folder / JOURNAL_FILE)
+        self._journal = RecordWriter(folder / journal)
 
     def _has_rows(self) -> bool:
-        return (self.folder / ROWS_FILE).is_file() or (self.folder / JOURNAL_FILE).is_file()
+        return (self.folder / ROWS_FILE).is_file() or bool(journals(self.folder))
 
     def append(self, row: RequestRecord) -> None:
         self._journal.write(row)
         self.done.add(row_key(row))
 
     def compact(self) -> Path:
-        """Merge the journal into rows.parquet (atomic replace), then empty the journal."""
+        """Merge every journal into rows.parquet (atomic replace), then remove them (no other rank may be
+        writing one)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -134,8 +154,9 @@ class ProfileStore:
         tmp = target.with_suffix(".tmp")
         pq.write_table(pa.Table.from_pylist(rows, schema=_arrow_schema()), tmp)
         os.replace(tmp, target)
-        (self.folder / JOURNAL_FILE).unlink(missing_ok=True)
-        self._journal = RecordWriter(self.folder / JOURNAL_FILE)
+        for path in journals(self.folder):
+            path.unlink()
+        self._journal = RecordWriter(self.folder / self.journal)
         return target
 
     def close(self) -> None:
@@ -199,34 +220,52 @@ def sweep(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     style: str = "auto",
     repeats: int = 1,
+    ranks: Ranks = SINGLE,
 ) -> Path:
     """Measure every (sample, plan) not yet in `out` (`repeats` times each, see `measure`); returns the
-    compacted Parquet file. One process at a time per folder: a second one is refused (`runlog.FolderInUse`)."""
-    with exclusive(out, "profile"):
-        return _sweep(rt, samples, plans, ProfileStore(out, rt.model_id, rt.knobs), max_new_tokens, style, repeats)
+    compacted Parquet file. One run at a time per folder: a second one is refused (`runlog.FolderInUse`).
+    With several `ranks` (every rank calls this with the same samples and plans) each measures its shard
+    of the grid, and rank 0 compacts once all are done; an interrupted rank leaves its journal to resume."""
+    with exclusive(out, "profile") if ranks.main else nullcontext():
+        if ranks.main:  # checks or writes profile.json before any other rank reads it
+            store = ProfileStore(out, rt.model_id, rt.knobs, journal_name(ranks))
+        ranks.barrier()
+        if not ranks.main:
+            store = ProfileStore(out, rt.model_id, rt.knobs, journal_name(ranks))
+        ranks.barrier()  # every rank has read the rows done before any writes a new one
+        return _sweep(
+            rt, ranks.shard([(s, p) for s in samples for p in plans]), store, ranks, max_new_tokens, style, repeats
+        )
 
 
 def _sweep(
     rt: AdaptiveMolmoe,
-    samples: Sequence[TaskSample],
-    plans: Sequence[Plan],
+    grid: Sequence[tuple[TaskSample, Plan]],
     store: ProfileStore,
+    ranks: Ranks,
     max_new_tokens: int,
     style: str,
     repeats: int,
 ) -> Path:
     out = store.folder
-    todo = [(s, p) for s in samples for p in plans if (s.task, s.doc_id, p.key) not in store.done]
-    log.info("profile: %d rows to measure (%d already in %s)", len(todo), len(samples) * len(plans) - len(todo), out)
+    todo = [(s, p) for s, p in grid if (s.task, s.doc_id, p.key) not in store.done]
+    log.info("profile: %d rows to measure (%d already in %s)", len(todo), len(grid) - len(todo), out)
     if todo:
         rt.warmup([rt.knobs.full_plan(c) for c in sorted({p.max_crops for _, p in todo})])
     try:
-        for sample, plan in progress(todo, desc="profile", unit="row"):
+        for sample, plan in progress(todo, desc="profile", unit="row", disable=not ranks.main):
             store.append(measure(rt, sample, plan, max_new_tokens, style, repeats))
     finally:
-        path = store.compact()
         store.close()
-    return path
+        if ranks.world == 1:  # an interrupted sweep too: its rows go to Parquet
+            store.compact()
+            store.close()
+    if ranks.world > 1:  # the other ranks may still be writing: compact once all are done
+        ranks.barrier()
+        if ranks.main:
+            store.compact()
+            store.close()
+    return out / ROWS_FILE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,15 +317,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    ranks = init(args.device)
+    args.device = ranks.device  # under a launcher: this rank's device
     rt, samples = load_model_and_samples(args)
     try:
         plans = rt.knobs.plans(parse_grid(args.grid))
     except ValueError as err:
         parser.error(f"--grid: {err}")
-    path = sweep(rt, samples, plans, args.out, args.max_new_tokens, repeats=args.repeats)
-    log.info("profile: %d rows (%d samples x %d plans) in %s; took %s", count_rows(path), len(samples), len(plans),
-             path, took(started))  # fmt: skip
-    print(path)
+    path = sweep(rt, samples, plans, args.out, args.max_new_tokens, repeats=args.repeats, ranks=ranks)
+    if ranks.main:
+        log.info("profile: %d rows (%d samples x %d plans) in %s; took %s", count_rows(path), len(samples),
+                 len(plans), path, took(started))  # fmt: skip
+        print(path)
 
 
 if __name__ == "__main__":

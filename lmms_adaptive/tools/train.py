@@ -18,6 +18,12 @@ The run folder holds `settings.json` (a resumed run must use the same), `state.p
 score, latency, violations), `controller.json` (the artifact `controller=<path>` loads; copy it to
 `controllers/` for `controller=grpo`) and `eval.csv` / `eval.json` (the greedy policy on the eval
 tasks at each eval budget). Re-running the same command resumes where it stopped.
+
+Under `accelerate launch --num_processes N` every rank loads the model on its own device; each step's
+rollouts are split over the ranks and the policy's gradients summed over them (`grpo.grpo_step`), so all
+ranks hold the same weights, and the evaluation's samples are split too. Rank 0 alone holds the folder lock
+and writes every file (settings, state, metrics, artifact, eval); the other ranks only read `state.pt` to
+resume. A run may resume under another number of processes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
@@ -44,6 +51,7 @@ from lmms_adaptive.controllers.grpo import GRPOController, PolicyDims, PolicyReq
 from lmms_adaptive.core.plan import Plan, RequestFacts
 from lmms_adaptive.core.runtime import AdaptiveMolmoe
 from lmms_adaptive.integration.tasks import TaskSample, load_samples
+from lmms_adaptive.serving.ranks import SINGLE, Ranks, init
 from lmms_adaptive.serving.records import RequestRecord, summarize
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, Request, serve
 from lmms_adaptive.tools.cli import HelpFormatter, progress, setup_logging, took
@@ -219,14 +227,22 @@ def evaluate(
     samples: Sequence[TaskSample],
     budgets: Sequence[float],
     max_new_tokens: int,
+    ranks: Ranks = SINGLE,
 ) -> list[EvalResult]:
-    """Every sample at every budget, served under `controller` as the plugin serves it; per (task, budget) means."""
+    """Every sample at every budget, served under `controller` as the plugin serves it; per (task, budget) means.
+    With several ranks each serves its share of the samples and every rank gets all the results."""
     results = []
     for budget in budgets:
-        scored: dict[str, list[RequestRecord]] = {}
-        for sample in progress(samples, desc=f"eval @ {budget:g} ms", unit="request", leave=False):
+        mine = []
+        shard = ranks.shard(list(enumerate(samples)))
+        for i, sample in progress(
+            shard, desc=f"eval @ {budget:g} ms", unit="request", leave=False, disable=not ranks.main
+        ):
             served = serve(rt, controller, sample.request(budget, max_new_tokens))
-            scored.setdefault(sample.task, []).append(replace(served.record, score=sample.score(served.text)))
+            mine.append((i, sample.task, replace(served.record, score=sample.score(served.text))))
+        scored: dict[str, list[RequestRecord]] = {}
+        for _, task, record in sorted(item for part in ranks.gather(mine) for item in part):
+            scored.setdefault(task, []).append(record)
         for task, records in sorted(scored.items()):
             stats = summarize(records)
             results.append(EvalResult(
@@ -295,61 +311,81 @@ class RunFolder:
 
 def train(out: Path, cfg: TrainConfig, device: str | None = None, dtype: str | None = None) -> Path:
     """Train (or resume) the run in `out`, write the artifact, evaluate it; returns the artifact path. One
-    process at a time per run folder: a second one is refused (`runlog.FolderInUse`)."""
-    with exclusive(out, "python -m lmms_adaptive.train"):
-        return _train(RunFolder(out), cfg, device, dtype)
+    run at a time per run folder: a second one is refused (`runlog.FolderInUse`). Under a launcher (several
+    ranks) every rank calls this; `device` is then each rank's own."""
+    ranks = init(device)
+    with exclusive(out, "python -m lmms_adaptive.train") if ranks.main else nullcontext():
+        return _train(RunFolder(out), cfg, ranks, dtype)
 
 
-def _train(run: RunFolder, cfg: TrainConfig, device: str | None, dtype: str | None) -> Path:
+def _train(run: RunFolder, cfg: TrainConfig, ranks: Ranks, dtype: str | None) -> Path:
     out = run.root
-    rt = AdaptiveMolmoe.from_pretrained(cfg.pretrained, device=device, dtype=dtype)
+    if ranks.world > cfg.group_size * cfg.requests_per_step:
+        raise ValueError(
+            f"{ranks.world} processes for {cfg.group_size * cfg.requests_per_step} rollouts a step "
+            "(group_size x requests_per_step): launch at most that many"
+        )
+    rt = AdaptiveMolmoe.from_pretrained(cfg.pretrained, device=ranks.device, dtype=dtype)
     samples = load_samples(cfg.tasks, cfg.include_path, cfg.limit, cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    check_settings(run.settings, json.loads(json.dumps(asdict(cfg))))  # after the inputs proved loadable
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(run.settings, json.loads(json.dumps(asdict(cfg))))  # after the inputs proved loadable
+    ranks.barrier()  # the settings are checked before any rank resumes from the state
     env = MolmoeEnvironment(rt, samples, cfg.max_new_tokens)
     grpo_cfg = cfg.grpo()
     torch.manual_seed(cfg.seed)
     policy = TwoStagePolicy(rt.knobs, PolicyDims(d_model=rt.model.config.d_model), grpo_cfg.budget_range_ms)
-    trainer = GRPORun(policy, env, grpo_cfg, cfg.steps)
+    trainer = GRPORun(policy, env, grpo_cfg, cfg.steps, ranks)
     if run.state.is_file():
         trainer.load_state_dict(torch.load(run.state, weights_only=True))
         log.info("resuming %s at step %d", out, trainer.step)
-    truncate_csv(run.metrics, trainer.step)  # rows logged after the saved state (all of them without one)
+    if ranks.main:
+        truncate_csv(run.metrics, trainer.step)  # rows logged after the saved state (all of them without one)
     if not trainer.done:
         rt.warmup([rt.knobs.full_plan(c) for c in rt.knobs.tiers])
     elapsed = float(read_rows(run.metrics)[-1]["seconds"]) if run.metrics.is_file() and trainer.step else 0.0
     began = time.perf_counter() - elapsed
-    bar = progress(total=cfg.steps, initial=trainer.step, desc="grpo", unit="step")
-    board = TensorBoardCurves(run.tensorboard, "grpo", trainer.step)
+    bar = progress(total=cfg.steps, initial=trainer.step, desc="grpo", unit="step", disable=not ranks.main)
+    board = TensorBoardCurves(run.tensorboard, "grpo", trainer.step) if ranks.main else None
     while not trainer.done:
         lr = trainer.schedule.get_last_lr()[-1]
         stats = trainer.advance()
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats.reward_mean:.2f}", violations=f"{stats.violation_rate:.2f}", refresh=False)
+        if board is None:
+            continue
         row = metrics_row(trainer.step - 1, stats, lr, time.perf_counter() - began)
         write_rows(run.metrics, [row], METRIC_COLUMNS)
         board.add(row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{stats.reward_mean:.2f}", violations=f"{stats.violation_rate:.2f}", refresh=False)
         if trainer.step % cfg.save_every == 0 or trainer.done:
             save_atomic(trainer.state_dict(), run.state)
     bar.close()
-    board.close()
-    seconds = float(read_rows(run.metrics)[-1]["seconds"])
+    if board is not None:
+        board.close()
+        write_artifact(run, policy, rt, cfg, len(samples))
+    if cfg.eval_tasks:
+        eval_samples = load_samples(cfg.eval_tasks, cfg.include_path, cfg.eval_limit, cfg.seed)
+        results = evaluate(
+            rt, GRPOController(policy, rt.question_summary), eval_samples, cfg.eval_budgets(), cfg.max_new_tokens, ranks
+        )
+        if ranks.main:
+            write_eval(results, run)
+            print(eval_table(results))
+    return run.artifact
+
+
+def write_artifact(
+    run: RunFolder, policy: TwoStagePolicy, rt: AdaptiveMolmoe, cfg: TrainConfig, n_samples: int
+) -> None:
+    """controller.json (with how it was trained) and curves.png of the finished run."""
     training = {
-        "tasks": list(cfg.tasks), "n_samples": len(samples), "steps": cfg.steps, "group_size": cfg.group_size,
+        "tasks": list(cfg.tasks), "n_samples": n_samples, "steps": cfg.steps, "group_size": cfg.group_size,
         "requests_per_step": cfg.requests_per_step, "plans_run": cfg.steps * cfg.group_size * cfg.requests_per_step,
-        "seconds": seconds, "settings": asdict(cfg),
+        "seconds": float(read_rows(run.metrics)[-1]["seconds"]), "settings": asdict(cfg),
     }  # fmt: skip
     artifact = policy.to_artifact(rt.model_id, device=rt.device_name, training=training)
     run.artifact.write_text(json.dumps(artifact) + "\n")
     log.info("controller artifact: %s; curves: %s", run.artifact, plot_curves(run.metrics, run.curves))
-    if cfg.eval_tasks:
-        eval_samples = load_samples(cfg.eval_tasks, cfg.include_path, cfg.eval_limit, cfg.seed)
-        results = evaluate(
-            rt, GRPOController(policy, rt.question_summary), eval_samples, cfg.eval_budgets(), cfg.max_new_tokens
-        )
-        write_eval(results, run)
-        print(eval_table(results))
-    return run.artifact
 
 
 def write_eval(results: Sequence[EvalResult], run: RunFolder) -> None:
@@ -491,12 +527,18 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         raise SystemExit(f"python -m lmms_adaptive.tools.train: {err}") from None
     artifact = train(out, cfg, device, dtype)
-    run = RunFolder(out)
-    written = [p.name for p in (run.metrics, run.curves, run.eval_csv, run.tensorboard) if p.exists()]
-    log.info(
-        "train: %d steps; %s and %s in %s; took %s", cfg.steps, artifact.name, ", ".join(written), out, took(started)
-    )
-    print(artifact)
+    if init().main:
+        run = RunFolder(out)
+        written = [p.name for p in (run.metrics, run.curves, run.eval_csv, run.tensorboard) if p.exists()]
+        log.info(
+            "train: %d steps; %s and %s in %s; took %s",
+            cfg.steps,
+            artifact.name,
+            ", ".join(written),
+            out,
+            took(started),
+        )
+        print(artifact)
 
 
 if __name__ == "__main__":
