@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LOG_DIR = Path("logs") / "adaptive_molmoe"
 MODEL_ARGS = (
     "pretrained", "controller", "budget", "tier", "max_crops", "top_k", "blocks", "insert_pos", "renormalize", "style",
-    "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup",
+    "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup", "compile",
 )  # fmt: skip
 
 
@@ -82,6 +82,7 @@ class AdaptiveMolmoeLMM(lmms):
         dtype: str | None = None,
         log_dir: str | None = None,
         warmup: bool = True,
+        compile: str = "auto",  # noqa: A002 (the model_arg's name)
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -107,7 +108,9 @@ class AdaptiveMolmoeLMM(lmms):
             device = f"cuda:{accelerator.local_process_index}"
             self._rank, self._world_size = accelerator.local_process_index, accelerator.num_processes
         self.accelerator = accelerator
-        self.rt = AdaptiveMolmoe.from_pretrained(pretrained, device=device, dtype=dtype)
+        if str(compile) not in ("auto", "on", "off"):
+            raise ModelArgError(f"compile must be auto, on or off, got {compile!r}")
+        self.rt = AdaptiveMolmoe.from_pretrained(pretrained, device=device, dtype=dtype, compile_decode=str(compile))
         self._device = self.rt.device
         self.budget = float(budget) if budget is not None else None
         self.style = style
