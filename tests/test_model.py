@@ -30,6 +30,7 @@ from lmms_adaptive.core.model import (
     MolmoeForCausalLM,
     count_parameters,
     experts_grouped,
+    experts_indexed,
     experts_one_token,
 )
 from lmms_adaptive.core.plan import KnobSpace, Plan
@@ -430,7 +431,7 @@ def _routing(n_tokens: int, n_experts: int, top_k: int, d_model: int, seed: int)
 
 @pytest.mark.parametrize(
     ("n_tokens", "top_k"),
-    [(1, 1), (1, 2), (1, 8), (1, 16),  # one token: the loop over its chosen experts
+    [(1, 1), (1, 2), (1, 8), (1, 16),  # one token: the loop over its chosen experts (or its traceable form)
      (2, 8), (4, 4), (3, 8), (40, 1), (40, 3), (40, 8), (40, 16), (200, 2)],  # grouped (some experts idle)
 )  # fmt: skip
 def test_fast_moe_paths_equal_reference(n_tokens: int, top_k: int) -> None:
@@ -439,7 +440,7 @@ def test_fast_moe_paths_equal_reference(n_tokens: int, top_k: int) -> None:
     with torch.no_grad():
         ref = reference_experts(experts, x, weights, chosen)
         assert ref.abs().max() > 0.1  # a non-trivial output
-        paths = [experts_grouped] + ([experts_one_token] if n_tokens == 1 else [])
+        paths = [experts_grouped] + ([experts_one_token, experts_indexed] if n_tokens == 1 else [])
         for path in paths:
             torch.testing.assert_close(
                 path(x, weights, chosen, experts.gate_up, experts.down), ref, atol=1e-5, rtol=1e-5

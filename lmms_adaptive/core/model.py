@@ -344,7 +344,7 @@ def experts_one_token(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tens
     experts indexing views of the stacked weights (one host read of the k indices: free on a CPU)."""
     if can_group_on_device(x):
         return experts_grouped(x, weights, experts, gate_up, down)
-    if torch.compiler.is_compiling():  # a graph cannot read indices on the host: products over indexed weights
+    if torch.compiler.is_compiling():  # a graph cannot read the indices on the host
         return experts_indexed(x, weights, experts, gate_up, down)
     out = torch.zeros_like(x)
     for e, w in zip(experts[0].tolist(), weights[0], strict=True):
@@ -353,11 +353,13 @@ def experts_one_token(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tens
 
 
 def experts_indexed(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    """One token through its k experts as two batched products over the indexed weights (traceable)."""
+    """One token through its k experts written as reductions over the indexed weights: traceable (no host
+    read), and inductor fuses the indexing into the reduction loops, so the weights are read where they lie
+    (as batched products they would first be gathered into a copy)."""
     chosen = experts[0]
-    gate, up = torch.bmm(x.expand(chosen.shape[0], 1, -1), gate_up[chosen]).chunk(2, dim=-1)
-    y = torch.bmm(F.silu(gate) * up, down[chosen])
-    return weights @ y[:, 0]
+    gate, up = (x[0, :, None] * gate_up[chosen]).sum(1).chunk(2, dim=-1)
+    y = ((F.silu(gate) * up)[:, :, None] * down[chosen]).sum(1)
+    return weights @ y
 
 
 def experts_grouped(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
