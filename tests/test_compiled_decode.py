@@ -83,3 +83,28 @@ def test_compile_choice(rt: AdaptiveMolmoe) -> None:
     assert resolve_compile("on", rt.model) is True and resolve_compile(False, rt.model) is False
     with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
         resolve_compile("fast", rt.model)
+
+
+def test_the_cuda_grouped_path_agrees_and_compiles(rt: AdaptiveMolmoe, monkeypatch) -> None:
+    """The CUDA path (`torch._grouped_mm` over the k rows sorted by expert, no host sync) run on the CPU's
+    bf16 `_grouped_mm`: the same step as the loop, and traceable in one graph."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    from lmms_adaptive.core import model as core_model
+
+    model = rt.model
+    block = model.model.transformer.blocks[1]
+    w = core_model.BlockWeights(*(t.to(torch.bfloat16) for t in block.weights()))
+    x = torch.randn(1, 1, model.config.d_model, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cache = model.new_cache(20)
+    k, v = (t.to(torch.bfloat16) for t in cache.buffers(1))
+    position = torch.tensor([5])
+    rope, mask, eps = model.rope(position[None]), cache.visible(position), model.config.layer_norm_eps
+    with torch.inference_mode():
+        loop = core_model.decode_block(x, w, k.clone(), v.clone(), position, rope, mask, 6, False, eps)
+        monkeypatch.setattr(core_model, "can_group_on_device", lambda t: t.dtype == torch.bfloat16)
+        grouped = core_model.decode_block(x, w, k.clone(), v.clone(), position, rope, mask, 6, False, eps)
+        graph = torch.compile(core_model.decode_block, fullgraph=True)
+        traced = graph(x, w, k.clone(), v.clone(), position, rope, mask, 6, False, eps)
+    torch.testing.assert_close(grouped.float(), loop.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(traced.float(), grouped.float(), atol=2e-2, rtol=2e-2)

@@ -369,7 +369,7 @@ def experts_grouped(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor
     flat = experts.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // k
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    counts = flat.new_zeros(gate_up.shape[0]).index_add_(0, flat, torch.ones_like(flat))  # static shape: traceable
     gate, up = grouped_matmul(x[token], gate_up, counts).chunk(2, dim=-1)
     y = grouped_matmul(F.silu(gate) * up, down, counts) * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add_(0, token, y)
