@@ -1,12 +1,15 @@
 """MolmoE in plain PyTorch: CLIP ViT + attention pooling + projector + OLMoE decoder with a static KV cache.
 
 The module tree mirrors the original parameter names (`model.transformer.blocks.{i}.attn.att_proj.weight`,
-...), except that each block's 64 experts live in two stacked tensors (`Experts.gate_up`, `Experts.down`);
-`weight_slots()` maps every original name to the tensor (or stacked slice) that holds it, and is the one
-place checkpoints are loaded into and saved from.
+...), except that each block's 64 experts live in two stacked tensors (`Experts.gate_up`, `Experts.down`)
+and that experts and the LM head are stored input-major (one-row products stream them); `weight_slots()` maps
+every original name to the tensor or transposed view that holds it, and is the one place checkpoints are
+loaded into and saved from.
 
 Per request the decoder runs a `LayerSchedule`: which blocks run, in order, and each one's MoE top-k.
-A block that is not in the schedule runs neither at prefill nor at decode and gets no KV cache.
+A block that is not in the schedule runs neither at prefill nor at decode and gets no KV cache. Prefill runs
+the block modules; a decode step runs `decode_block` per scheduled block with that block's tensors as inputs,
+so one compiled graph of it serves every block and schedule.
 """
 
 from __future__ import annotations
