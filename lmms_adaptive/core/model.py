@@ -388,10 +388,15 @@ def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     if can_group_on_device(x):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     out = x.new_empty(x.shape[0], w.shape[2])
+    training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)  # mm(out=) has no gradient
     start = 0
     for g, size in enumerate(counts.tolist()):  # one host sync per call, then only the groups with rows
         if size:
-            torch.mm(x[start : start + size], w[g], out=out[start : start + size])
+            rows = slice(start, start + size)
+            if training:
+                out[rows] = x[rows] @ w[g]
+            else:
+                torch.mm(x[rows], w[g], out=out[rows])
             start += size
     return out
 
