@@ -12,8 +12,8 @@ For each plan it reports the median over repeats of vision, prefill, per-token d
 per-token list of one request) and end-to-end total latency, and the ratios of decode and total to the
 full plan (highest tier, model top-k, all blocks) of the same image. `--reference` adds the full plan run
 through the per-expert loop of the original implementation, so speed-ups are measured side by side;
-`--compile` adds every plan again with the decode step under torch.compile (CUDA graphs on a GPU; each
-plan compiles during the warm-up, which takes a while on a CPU). On
+`--compile` adds every plan again with the decode step under torch.compile (CUDA graphs on a GPU; one
+compiled block step serves every plan, so only the first requests compile). On
 CUDA each row also gets its memory-bandwidth floor: the weight bytes one decode token must read divided
 by `--peak-gbps`.
 """

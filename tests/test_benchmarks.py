@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import budget_under_load  # noqa: E402
 import controller_overhead  # noqa: E402 (the benchmark scripts are found through sys.path)
+import decode_speed  # noqa: E402
 import knob_latency  # noqa: E402
 import reading_diagnosis  # noqa: E402
 
@@ -69,3 +70,15 @@ def test_budget_under_load_rows(tmp_path: Path, lmms_env) -> None:
     ]  # fmt: skip
     assert all(r.requests == 2 and 0 <= r.violation_rate <= 1 for r in rows)
     assert all((r.slowdown_mean is None) == (not r.guard) for r in rows)
+
+
+@pytest.mark.compile
+def test_decode_speed_report(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    report = decode_speed.main(["--size", "tiny", "--repeats", "1", "--new-tokens", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(asdict(report)))
+    assert {(r["top_k"], r["blocks"]) for r in saved["decode"]} == {(8, 8), (8, 6), (4, 8), (4, 6)}
+    assert all(r["floor_ms"] > 0 and r["eager_ms"] > 0 and r["compiled_ms"] > 0 for r in saved["decode"])
+    assert saved["read_gbps"] > 0 and saved["warmup_s"] >= 0 and saved["prefill_ms"] > 0
+    assert saved["olmoe_max_logit_diff"] < 1e-4  # transformers' OLMoE holds the same weights: the same logits

@@ -149,6 +149,7 @@ def test_builtin_task_configs_on_local_parquet(lmm_class, tmp_path, monkeypatch)
         ("controller=lookup,top_k=4", "top_k only apply to controller=static"),
         ("dtype=int8", "dtype must be one of"),
         ("slowdown=maybe", "slowdown must be true or false"),
+        ("compile=fast", "compile must be auto, on or off"),
     ],
 )
 def test_bad_model_args_name_the_problem(lmm_class, args, message):
@@ -258,6 +259,17 @@ def test_summary_statistics():
     assert stats["latency_mean_ms"] == pytest.approx(100.0)
     assert stats["violation_rate"] == pytest.approx(0.5)
     assert stats["knobs"]["max_crops"] == {"3": 10}
+
+
+def test_version_3_records_read_as_not_compiled(tmp_path):
+    """Records written before the `compiled` field (version 3) still read, as eager requests."""
+    old = {k: v for k, v in _record(0).to_dict().items() if k != "compiled"} | {"version": 3}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(old) + "\n" + _record(1).to_json() + "\n")
+    first, second = read_records(path)
+    assert first.compiled is False and first.version == second.version == 4
+    with pytest.raises(ValueError, match="version 2"):
+        RequestRecord.from_dict({**old, "version": 2})
 
 
 def test_record_writer_appends(tmp_path):

@@ -1,19 +1,23 @@
 """MolmoE in plain PyTorch: CLIP ViT + attention pooling + projector + OLMoE decoder with a static KV cache.
 
 The module tree mirrors the original parameter names (`model.transformer.blocks.{i}.attn.att_proj.weight`,
-...), except that each block's 64 experts live in two stacked tensors (`Experts.gate_up`, `Experts.down`);
-`weight_slots()` maps every original name to the tensor (or stacked slice) that holds it, and is the one
-place checkpoints are loaded into and saved from.
+...), except that each block's 64 experts live in two stacked tensors (`Experts.gate_up`, `Experts.down`)
+and that experts and the LM head are stored input-major (one-row products stream them); `weight_slots()` maps
+every original name to the tensor or transposed view that holds it, and is the one place checkpoints are
+loaded into and saved from.
 
 Per request the decoder runs a `LayerSchedule`: which blocks run, in order, and each one's MoE top-k.
-A block that is not in the schedule runs neither at prefill nor at decode and gets no KV cache.
+A block that is not in the schedule runs neither at prefill nor at decode and gets no KV cache. Prefill runs
+the block modules; a decode step runs `decode_block` per scheduled block with that block's tensors as inputs,
+so one compiled graph of it serves every block and schedule.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +52,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,20 +224,26 @@ class KVCache:
         """[1, 1, 1, max_len] attention mask of a decode token at `position` [1]: every slot up to it."""
         return (torch.arange(self.max_len, device=position.device) <= position)[None, None, None]
 
+    def buffers(self, block: int) -> tuple[Tensor, Tensor]:
+        """The block's whole key and value buffers [batch, heads, max_len, head_dim], zeros on first use."""
+        if block not in self.k:
+            self.k[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.v[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.k[block], self.v[block]
+
     def update(self, block: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end.
         A tensor `start` ([1], one decode token) writes without a host sync and returns the whole buffers,
         for `MolmoeForCausalLM.decode_token`'s static shapes (its mask hides the positions after it)."""
         if isinstance(start, Tensor):
-            self.k[block].index_copy_(2, start, k)
-            self.v[block].index_copy_(2, start, v)
-            return self.k[block], self.v[block]
+            keys, values = self.buffers(block)
+            keys.index_copy_(2, start, k)
+            values.index_copy_(2, start, v)
+            return keys, values
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        if block not in self.k:
-            self.k[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            self.v[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        self.buffers(block)
         self.k[block][:, :, start:end] = k
         self.v[block][:, :, start:end] = v
         return self.k[block][:, :, :end], self.v[block][:, :, :end]
@@ -239,7 +253,7 @@ class Attention(nn.Module):
     def __init__(self, config: MolmoeConfig) -> None:
         super().__init__()
         d = config.d_model
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.n_heads, self.eps = config.n_heads, config.layer_norm_eps
         self.attn_norm = RMSNorm(d, config.layer_norm_eps)
         self.att_proj = nn.Linear(d, 3 * d, bias=False)
         self.q_norm = RMSNorm(d, config.layer_norm_eps)
@@ -248,10 +262,8 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, T, D] -> queries, keys (rotated) and values, each [B, heads, T, head_dim]."""
-        q, k, v = self.att_proj(self.attn_norm(x)).chunk(3, dim=-1)
-        q, k = self.q_norm(q), self.k_norm(k)  # QK-norm over the full width, before the head split
-        q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        return apply_rope(q, *rope), apply_rope(k, *rope), v
+        weights = (self.attn_norm.weight, self.att_proj.weight, self.q_norm.weight, self.k_norm.weight)
+        return project_qkv(x, *weights, rope, self.n_heads, self.eps)
 
     def forward(
         self,
@@ -275,78 +287,166 @@ class Attention(nn.Module):
         return self.attn_out(out.transpose(1, 2).flatten(2))
 
 
+def project_qkv(
+    x: Tensor,
+    attn_norm: Tensor,
+    att_proj: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    rope: tuple[Tensor, Tensor],
+    n_heads: int,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, T, D] -> queries, keys (rotated) and values, each [B, heads, T, head_dim]."""
+    q, k, v = F.linear(rms_norm(x, attn_norm, eps), att_proj).chunk(3, dim=-1)
+    q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)  # QK-norm over the full width, before the head split
+    q, k, v = (t.unflatten(-1, (n_heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+
 class Experts(nn.Module):
-    """All experts of one block, stacked: gate_up [E, 2H, D] (gate rows then up rows), down [E, D, H]."""
+    """All experts of one block, stacked input-major for fast products with a few rows on the CPU:
+    gate_up [E, D, 2H] (gate columns then up columns), down [E, H, D]. The checkpoint's per-expert
+    [out, in] matrices are transposed views of these (`slots`), so loading relayouts them in place."""
 
     def __init__(self, n_experts: int, d_model: int, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
-        self.gate_up = nn.Parameter(torch.zeros(n_experts, 2 * hidden, d_model))
-        self.down = nn.Parameter(torch.zeros(n_experts, d_model, hidden))
+        self.gate_up = nn.Parameter(torch.zeros(n_experts, d_model, 2 * hidden))
+        self.down = nn.Parameter(torch.zeros(n_experts, hidden, d_model))
 
     def slots(self, prefix: str) -> dict[str, Tensor]:
-        """Original per-expert parameter names -> views into the stacked tensors."""
+        """Original per-expert parameter names -> [out, in] views into the stacked tensors."""
         out = {}
         for e in range(self.gate_up.shape[0]):
-            out[f"{prefix}.{e}.gate_proj.weight"] = self.gate_up[e, : self.hidden]
-            out[f"{prefix}.{e}.up_proj.weight"] = self.gate_up[e, self.hidden :]
-            out[f"{prefix}.{e}.down_proj.weight"] = self.down[e]
+            out[f"{prefix}.{e}.gate_proj.weight"] = self.gate_up[e, :, : self.hidden].T
+            out[f"{prefix}.{e}.up_proj.weight"] = self.gate_up[e, :, self.hidden :].T
+            out[f"{prefix}.{e}.down_proj.weight"] = self.down[e].T
         return out
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """x [N, D], weights/experts [N, k] -> [N, D]; the work follows N * k, never all experts."""
-        n, k = experts.shape
-        if n * k <= self.gate_up.shape[0]:
-            return self._gathered(x, weights, experts)
-        return self._grouped(x, weights, experts)
+        return apply_experts(x, weights, experts, self.gate_up, self.down)
 
-    def _gathered(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """Few tokens (decode): gather only the chosen experts' weights and batch-matmul them."""
-        n, k = experts.shape
-        flat = experts.reshape(-1)
-        xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)
-        gate, up = torch.bmm(self.gate_up[flat], xs).squeeze(-1).chunk(2, dim=-1)
-        y = torch.bmm(self.down[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
 
-    def _grouped(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
-        """Many tokens (prefill): sort token copies by expert and run one matmul per expert group."""
-        k = experts.shape[1]
-        flat = experts.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up.shape[0])
-        gate, up = grouped_matmul(x[token], self.gate_up, counts).chunk(2, dim=-1)
-        y = grouped_matmul(F.silu(gate) * up, self.down, counts) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, y)
+def apply_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """x [N, D], weights/experts [N, k] -> [N, D]; the work follows N * k, never all experts."""
+    if x.shape[0] == 1:
+        return experts_one_token(x, weights, experts, gate_up, down)
+    return experts_grouped(x, weights, experts, gate_up, down)
+
+
+def expert_ffn(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """One SwiGLU expert: x [N, D], gate_up [D, 2H], down [H, D] -> [N, D]."""
+    gate, up = (x @ gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down
+
+
+def experts_one_token(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """One token (decode): its k chosen experts applied where their weights lie, no copy of them.
+    On CUDA (bf16) one `torch._grouped_mm` over the k rows sorted by expert; elsewhere a loop over the k
+    experts indexing views of the stacked weights (one host read of the k indices: free on a CPU)."""
+    if can_group_on_device(x):
+        return experts_grouped(x, weights, experts, gate_up, down)
+    if torch.compiler.is_compiling():  # a graph cannot read the indices on the host
+        return experts_indexed(x, weights, experts, gate_up, down)
+    out = torch.zeros_like(x)
+    for e, w in zip(experts[0].tolist(), weights[0], strict=True):
+        out += w * expert_ffn(x, gate_up[e], down[e])
+    return out
+
+
+def experts_indexed(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """One token through its k experts written as reductions over the indexed weights: traceable (no host
+    read), and inductor fuses the indexing into the reduction loops, so the weights are read where they lie
+    (as batched products they would first be gathered into a copy)."""
+    chosen = experts[0]
+    gate, up = (x[0, :, None] * gate_up[chosen]).sum(1).chunk(2, dim=-1)
+    y = ((F.silu(gate) * up)[:, :, None] * down[chosen]).sum(1)
+    return weights @ y
+
+
+def experts_grouped(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """Many tokens (prefill): token copies sorted by expert, one product per expert that got any, written
+    into preallocated buffers, then summed back per token with one `index_add_`."""
+    k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = flat.argsort(stable=True)
+    token = order // k
+    counts = flat.new_zeros(gate_up.shape[0]).index_add_(0, flat, torch.ones_like(flat))  # static shape: traceable
+    gate, up = grouped_matmul(x[token], gate_up, counts).chunk(2, dim=-1)
+    y = grouped_matmul(F.silu(gate) * up, down, counts) * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def can_group_on_device(x: Tensor) -> bool:
+    """Whether `torch._grouped_mm` (CUDA, bf16) runs the grouped products without a host sync."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
 def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """Rows of x sorted by group, w [G, out, in], counts [G] -> x_g @ w_g.T for each group g."""
-    if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
-    sizes = counts.tolist()  # one host sync per block, then only the experts that received tokens
-    outs = [chunk @ w[g].T for g, chunk in enumerate(x.split(sizes)) if sizes[g]]
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+    """Rows of x sorted by group, w [G, in, out], counts [G] -> x_g @ w_g for each group g, [rows, out]."""
+    if can_group_on_device(x):
+        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    out = x.new_empty(x.shape[0], w.shape[2])
+    training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)  # mm(out=) has no gradient
+    start = 0
+    for g, size in enumerate(counts.tolist()):  # one host sync per call, then only the groups with rows
+        if size:
+            rows = slice(start, start + size)
+            if training:
+                out[rows] = x[rows] @ w[g]
+            else:
+                torch.mm(x[rows], w[g], out=out[rows])
+            start += size
+    return out
 
 
 class MoE(nn.Module):
     def __init__(self, config: MolmoeConfig) -> None:
         super().__init__()
+        self.eps = config.layer_norm_eps
         self.ff_norm = RMSNorm(config.d_model, config.layer_norm_eps)
         self.gate = nn.Linear(config.d_model, config.moe_num_experts, bias=False)
         self.experts = Experts(config.moe_num_experts, config.d_model, config.expert_hidden)
 
     def forward(self, x: Tensor, top_k: int, renormalize: bool) -> Tensor:
-        shape = x.shape
-        h = self.ff_norm(x).reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(h).float(), dim=-1)  # over all experts, in fp32
-        weights, experts = torch.topk(probs, top_k, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(h.dtype)
-        return self.experts(h, weights, experts).view(shape)
+        h, weights, experts = route(x, self.ff_norm.weight, self.gate.weight, top_k, renormalize, self.eps)
+        return self.experts(h, weights, experts).view(x.shape)
+
+
+def route(
+    x: Tensor, ff_norm: Tensor, gate: Tensor, top_k: int, renormalize: bool, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x [B, T, D] -> the normed rows h [N, D] and each row's top-k expert weights and indices [N, k]:
+    softmax over all experts in fp32, optionally renormalised over the k."""
+    h = rms_norm(x, ff_norm, eps).reshape(-1, x.shape[-1])
+    probs = F.softmax(F.linear(h, gate).float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return h, weights.to(h.dtype), experts
+
+
+def moe_ffn(
+    x: Tensor, ff_norm: Tensor, gate: Tensor, gate_up: Tensor, down: Tensor, top_k: int, renormalize: bool, eps: float
+) -> Tensor:
+    """The MoE feed-forward of x [B, T, D] from one block's tensors (what `MoE` computes)."""
+    h, weights, experts = route(x, ff_norm, gate, top_k, renormalize, eps)
+    return apply_experts(h, weights, experts, gate_up, down).view(x.shape)
+
+
+class BlockWeights(NamedTuple):
+    """One decoder block's tensors, as inputs of `decode_block` (so one compiled step serves every block)."""
+
+    attn_norm: Tensor
+    att_proj: Tensor
+    q_norm: Tensor
+    k_norm: Tensor
+    attn_out: Tensor
+    ff_norm: Tensor
+    gate: Tensor
+    gate_up: Tensor
+    down: Tensor
 
 
 class Block(nn.Module):
@@ -358,6 +458,59 @@ class Block(nn.Module):
     def forward(self, x, rope, mask, cache, start: int | Tensor, block: int, top_k: int, renormalize: bool) -> Tensor:
         x = x + self.attn(x, rope, mask, cache, start, block)
         return x + self.mlp(x, top_k, renormalize)
+
+    def weights(self) -> BlockWeights:
+        a, m = self.attn, self.mlp
+        return BlockWeights(
+            a.attn_norm.weight, a.att_proj.weight, a.q_norm.weight, a.k_norm.weight, a.attn_out.weight,
+            m.ff_norm.weight, m.gate.weight, m.experts.gate_up, m.experts.down,
+        )  # fmt: skip
+
+
+def decode_block(
+    x: Tensor,
+    w: BlockWeights,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    position: Tensor,
+    rope: tuple[Tensor, Tensor],
+    mask: Tensor,
+    top_k: int,
+    renormalize: bool,
+    eps: float,
+) -> Tensor:
+    """One block over one decode token x [1, 1, D] at `position` [1]: its keys/values are written into the
+    block's cache buffers [1, heads, max_len, head_dim] (in place) and it attends to every slot `mask`
+    [1, 1, 1, max_len] shows. Everything a block differs in is an input, so one compiled graph of this
+    function per top-k serves every block of every schedule."""
+    q, k, v = project_qkv(x, w.attn_norm, w.att_proj, w.q_norm, w.k_norm, rope, cache_k.shape[1], eps)
+    cache_k.index_copy_(2, position, k)
+    cache_v.index_copy_(2, position, v)
+    out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
+    x = x + F.linear(out.transpose(1, 2).flatten(2), w.attn_out)
+    return x + moe_ffn(x, w.ff_norm, w.gate, w.gate_up, w.down, top_k, renormalize, eps)
+
+
+class LMHead(nn.Module):
+    """The output projection stored input-major, `weight_t` [D, vocab]: a one-row product streams it
+    (several times faster on a CPU than the [vocab, D] layout); `weight` is the checkpoint's [vocab, D] view."""
+
+    def __init__(self, d_model: int, vocab: int) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.zeros(d_model, vocab))
+
+    @property
+    def weight(self) -> Tensor:
+        return self.weight_t.T
+
+    def slots(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.weight": self.weight}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight_t
+
+
+DecodeStep = Callable[..., Tensor]  # `decode_block` or a compiled graph of it
 
 
 class Embedding(nn.Module):
@@ -398,19 +551,19 @@ class MolmoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MolmoeBackbone(config)
-        self.lm_head = nn.Linear(config.d_model, config.embedding_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.embedding_size)
 
     # -- weights ----------------------------------------------------------------------------------
 
     def weight_slots(self) -> dict[str, Tensor]:
         """Every original checkpoint parameter name -> the tensor (or view) that holds it."""
         slots: dict[str, Tensor] = {}
-        stacked = set()
+        relaid = set()  # parameters stored in another layout than the checkpoint's (Experts, LMHead)
         for name, module in self.named_modules():
-            if isinstance(module, Experts):
+            if isinstance(module, Experts | LMHead):
                 slots.update(module.slots(name))
-                stacked.update({f"{name}.gate_up", f"{name}.down"})
-        slots.update((name, p) for name, p in self.named_parameters() if name not in stacked)
+                relaid.update(f"{name}.{p}" for p, _ in module.named_parameters())
+        slots.update((name, p) for name, p in self.named_parameters() if name not in relaid)
         return slots
 
     # -- stages -----------------------------------------------------------------------------------
@@ -482,14 +635,21 @@ class MolmoeForCausalLM(nn.Module):
             x = blocks[index](x, rope, mask, cache, start, index, top_k, renormalize)
         return x
 
-    def decode_token(self, x: Tensor, position: Tensor, schedule: LayerSchedule, cache: KVCache) -> Tensor:
+    def decode_token(
+        self, x: Tensor, position: Tensor, schedule: LayerSchedule, cache: KVCache, step: DecodeStep = decode_block
+    ) -> Tensor:
         """One batch-1 decode step: the embedded token x [1, 1, D] at `position` [1] (int64) -> next-token
         logits [vocab] in float32; the token's keys/values go into `cache` (which the caller advances).
-        Every shape is independent of the position (the step attends to the whole cache buffer under
-        `cache.visible`), so `torch.compile` traces it once per schedule and cache size, and on CUDA its
-        "reduce-overhead" mode replays it as a CUDA graph."""
+        Each scheduled block runs `step` (`decode_block`, or one compiled per top-k: `compiled_decode_block`)
+        with that block's weights and cache buffers; every shape is independent of the position (the step
+        attends to the whole cache buffer under `cache.visible`)."""
         rope = self.rope(position[None])
-        x = self.run_blocks(x, rope, schedule.layers, schedule.renormalize, cache, position, cache.visible(position))
+        mask = cache.visible(position)
+        blocks = self.model.transformer.blocks
+        eps = self.config.layer_norm_eps
+        for index, top_k in schedule.layers:
+            k, v = cache.buffers(index)
+            x = step(x, blocks[index].weights(), k, v, position, rope, mask, top_k, schedule.renormalize, eps)
         return self.logits(self.final_norm(x)[0, -1]).float()
 
     def final_norm(self, x: Tensor) -> Tensor:

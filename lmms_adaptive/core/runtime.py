@@ -11,9 +11,12 @@ decides top-k and active blocks, and the prefill continues over the prompt with 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from lmms_adaptive.core.checkpoint import fingerprint, load_model, read_drop_order, resolve_checkpoint
 from lmms_adaptive.core.config import ConfigError, MolmoeConfig
-from lmms_adaptive.core.model import KVCache, LayerSchedule, MolmoeForCausalLM
+from lmms_adaptive.core.model import (
+    DecodeStep,
+    KVCache,
+    LayerSchedule,
+    MolmoeForCausalLM,
+    count_parameters,
+    decode_block,
+)
 from lmms_adaptive.core.plan import DeferredPlan, KnobSpace, Plan, RequestFacts
 from lmms_adaptive.core.processor import (
     MolmoeProcessor,
@@ -138,8 +149,9 @@ class AdaptiveMolmoe:
         folder: Path | None = None,
         compile_decode: bool = False,
     ) -> None:
-        """`compile_decode` runs each decode step through `torch.compile` (one graph per plan schedule and
-        cache size, compiled on first use; CUDA graphs on a GPU): faster steps after a warm-up per shape."""
+        """`compile_decode` runs every decoder block of a decode step through one `torch.compile`d
+        `decode_block` per top-k (CUDA graphs on a GPU), shared by every block, schedule and runtime of the
+        process; `warmup_decode` compiles the knob space's top-k values up front."""
         self.model = model
         self.folder = folder
         self.processor = processor
@@ -148,7 +160,8 @@ class AdaptiveMolmoe:
         self.model_id = model_id
         self.device = model.lm_head.weight.device
         self.clock = Clock(self.device)
-        self.decode_token = compiled_decode(model) if compile_decode else model.decode_token
+        self.compiled = compile_decode
+        self.decode_step = compiled_decode_block(self.device) if compile_decode else decode_block
 
     @classmethod
     def from_pretrained(
@@ -156,10 +169,11 @@ class AdaptiveMolmoe:
         folder: str | Path | None = None,
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
-        compile_decode: bool = False,
+        compile_decode: bool | str = False,
         revision: str | None = None,
     ) -> AdaptiveMolmoe:
-        """Load a checkpoint folder or hub id at `revision` (`resolve_checkpoint`; default: the built-in model)."""
+        """Load a checkpoint folder or hub id at `revision` (`resolve_checkpoint`; default: the built-in model).
+        `compile_decode`: True/"on", False/"off", or "auto" (`compile_pays`)."""
         folder = resolve_checkpoint(folder, revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, device)
@@ -168,7 +182,8 @@ class AdaptiveMolmoe:
         model = load_model(folder, device, torch_dtype)
         model_id = fingerprint(folder)
         log.info("loaded %s on %s (%s)", folder, device, torch_dtype)
-        return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder), compile_decode)
+        compiled = resolve_compile(compile_decode, model)
+        return cls(model, processor, read_drop_order(Path(folder), model_id), model_id, Path(folder), compiled)
 
     @property
     def device_name(self) -> str:
@@ -335,7 +350,8 @@ class AdaptiveMolmoe:
                 break
             t_step = clock.now()
             position = torch.tensor([cache.length], device=dev)
-            logits = self.decode_token(model.embed(torch.tensor([[token]], device=dev)), position, schedule, cache)
+            embedded = model.embed(torch.tensor([[token]], device=dev))
+            logits = model.decode_token(embedded, position, schedule, cache, self.decode_step)
             cache.length += 1
             if step_logits is not None:
                 step_logits.append(logits.cpu())
@@ -440,18 +456,76 @@ class AdaptiveMolmoe:
         return table[ids].float().mean(dim=0).cpu()
 
     def warmup(self, plans: Sequence[Plan] | None = None, steps: int = 2) -> None:
-        """Run throw-away requests so first-call costs (allocations, kernel selection) are not timed."""
+        """Run throw-away requests so first-call costs (allocations, kernel selection, with a compiled decode
+        the graphs of every top-k option) are not timed."""
+        if self.compiled:
+            self.warmup_decode()
         image = np.full((480, 640, 3), 127, dtype=np.uint8)
         for plan in plans or [self.knobs.full_plan(self.knobs.tiers[0])]:
             self.generate("warm up", [image], plan, GenerationConfig(max_new_tokens=steps, stop_at_eos=False))
 
+    @torch.inference_mode()
+    def warmup_decode(self) -> float:
+        """Compile the decode block for every top-k option of the knob space (the whole plan space: a plan
+        only chooses which blocks run at which of these k), once per process; returns the seconds it took."""
+        start = time.perf_counter()
+        model, dev = self.model, self.device
+        x = model.embed(torch.zeros(1, 1, dtype=torch.long, device=dev))
+        cache = model.new_cache(1)
+        position = torch.zeros(1, dtype=torch.long, device=dev)
+        for top_k in tqdm(self.knobs.top_k_options, desc="compiling decode", unit="top-k", leave=False):
+            model.decode_token(x, position, LayerSchedule(((0, top_k),)), cache, self.decode_step)
+        seconds = time.perf_counter() - start
+        log.info("decode graphs for top-k %s ready in %.1fs", list(self.knobs.top_k_options), seconds)
+        return seconds
 
-def compiled_decode(model: MolmoeForCausalLM) -> Callable[..., Tensor]:
-    """`model.decode_token` under torch.compile: fullgraph (a graph break would silently cost the speed-up),
-    CUDA graphs on a GPU ("reduce-overhead"), and room for one graph per plan schedule and cache size."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else "default"
-    return torch.compile(model.decode_token, mode=mode, fullgraph=True, dynamic=False)
+
+_COMPILED_STEPS: dict[str, DecodeStep] = {}
+
+
+COMPILE_MIN_PARAMETERS = 50_000_000  # "auto" compiles from here (see docs/speed.md: the tiny model loses)
+
+
+def compile_pays(model: MolmoeForCausalLM) -> bool:
+    """Whether a compiled decode pays for its warm-up: a compiler is available and the model is big enough."""
+    return compiler_available(model.lm_head.weight.device) and count_parameters(model) >= COMPILE_MIN_PARAMETERS
+
+
+def resolve_compile(choice: bool | str, model: MolmoeForCausalLM) -> bool:
+    """True/"on", False/"off" or "auto" (`compile_pays`) -> whether to compile the decode step."""
+    named = {"on": True, "true": True, "off": False, "false": False}
+    if isinstance(choice, bool):
+        return choice
+    if choice == "auto":
+        return compile_pays(model)
+    if choice not in named:
+        raise ValueError(f"compile must be one of auto, on, off, got {choice!r}")
+    return named[choice]
+
+
+def compiled_decode_block(device: torch.device) -> DecodeStep:
+    """`decode_block` under torch.compile, one per process and device type: fullgraph (a graph break would
+    silently cost the speed-up), CUDA graphs on a GPU ("reduce-overhead"). A block's weights and cache are
+    inputs and the cache length is dynamic, so one graph per top-k (and renormalize) serves every block of
+    every schedule at every cache size."""
+    if device.type not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+        _COMPILED_STEPS[device.type] = torch.compile(decode_block, mode=mode, fullgraph=True)
+    graph = _COMPILED_STEPS[device.type]
+
+    def step(x, w, cache_k, cache_v, position, rope, mask, top_k, renormalize, eps) -> Tensor:
+        for t, dim in ((cache_k, 2), (cache_v, 2), (mask, 3)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return graph(x, w, cache_k, cache_v, position, rope, mask, top_k, renormalize, eps)
+
+    return step
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels here: a C++ compiler on the CPU, Triton on CUDA."""
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
 def check_preprocessor(config: MolmoeConfig, vision: VisionPreprocessConfig, folder: Path) -> None:

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LOG_DIR = Path("logs") / "adaptive_molmoe"
 MODEL_ARGS = (
     "pretrained", "revision", "controller", "budget", "tier", "max_crops", "top_k", "blocks", "insert_pos", "renormalize",
-    "style", "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup",
+    "style", "max_new_tokens", "slowdown", "device", "dtype", "log_dir", "warmup", "compile",
 )  # fmt: skip
 
 
@@ -88,6 +88,7 @@ class AdaptiveMolmoeLMM(lmms):
         dtype: str | None = None,
         log_dir: str | None = None,
         warmup: bool = True,
+        compile: str = "auto",  # noqa: A002 (the model_arg's name)
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         **unknown: Any,
@@ -119,8 +120,10 @@ class AdaptiveMolmoeLMM(lmms):
             device = str(accelerator.device)
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         self.accelerator = accelerator
+        if str(compile) not in ("auto", "on", "off"):
+            raise ModelArgError(f"compile must be auto, on or off, got {compile!r}")
         self.ranks = Ranks(self._rank, self._world_size, device)
-        self.rt = AdaptiveMolmoe.from_pretrained(folder, device=device, dtype=dtype)
+        self.rt = AdaptiveMolmoe.from_pretrained(folder, device=device, dtype=dtype, compile_decode=str(compile))
         self._device = self.rt.device
         self.budget = float(budget) if budget is not None else None
         self.style = style

@@ -18,9 +18,9 @@ import numpy as np
 
 from lmms_adaptive.core.plan import KNOBS, Plan
 
-RECORD_VERSION = (
-    3  # 3: question_type, slowdown, facts_ms, n_text_tokens, image_pixels, max_new_tokens, answer, score, repeats
-)
+RECORD_VERSION = 4  # 4: compiled; 3: question_type, slowdown, facts_ms, n_text_tokens, image_pixels, max_new_tokens,
+# answer, score, repeats
+READABLE_VERSIONS = {3: {"compiled": False}, 4: {}}  # what each readable version lacks, with its value then
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class RequestRecord:
     device: str
     score: float | None = None  # the task's own score, where the caller knows it (profiling, training)
     repeats: int = 1
+    compiled: bool = False  # the decode steps ran the compiled decode block (`AdaptiveMolmoe.compiled`)
     version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,10 +73,12 @@ class RequestRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RequestRecord:
-        if d.get("version") != RECORD_VERSION:
+        version = d.get("version")
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"a request record of version {d.get('version')!r}; this code reads version {RECORD_VERSION}"
+                f"a request record of version {version!r}; this code reads versions {sorted(READABLE_VERSIONS)}"
             )
+        d = {**d, **READABLE_VERSIONS[version], "version": RECORD_VERSION}
         names = {f.name for f in fields(cls)}
         if set(d) != names:
             missing, unknown = sorted(names - set(d)), sorted(set(d) - names)

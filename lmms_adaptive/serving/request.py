@@ -147,6 +147,7 @@ def serve(rt: AdaptiveMolmoe, controller: Controller, request: Request, guard: B
         answer=out.text if generated else "",
         model_fingerprint=rt.model_id,
         device=rt.device_name,
+        compiled=generated and rt.compiled and bool(t.decode_ms),
     )
     if guard is not None:
         n_forwards = len(record.decode_ms) + 1
