@@ -63,3 +63,60 @@ def test_gpu_check_refuses_without_a_gpu(tmp_path: Path) -> None:
         ["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr and not list(tmp_path.glob("*.json"))
+
+
+STAND_IN_CONFIG = """
+from transformers import PretrainedConfig
+
+
+class MolmoConfig(PretrainedConfig):
+    model_type = "molmo"
+"""
+
+STAND_IN_MODEL = """
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config_molmoe import MolmoConfig
+
+CALLS = []
+
+
+class Router(torch.nn.Module):
+    top_k = 8
+
+
+class MolmoForCausalLM(PreTrainedModel):
+    config_class = MolmoConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.router = Router()
+        self.head = torch.nn.Linear(2, 2)
+        self.post_init()
+
+    def forward(self, input_ids, images=None, image_masks=None, image_input_idx=None, past_key_values=None,
+                use_cache=False):
+        CALLS.append((input_ids.shape[1], None if images is None else images.shape[1], past_key_values, self.router.top_k))
+        seen = (past_key_values or 0) + input_ids.shape[1]
+        return CausalLMOutputWithPast(logits=torch.zeros(1, input_ids.shape[1], 7), past_key_values=seen)
+"""
+
+
+def test_original_peer_drives_the_remote_code_forward(tmp_path: Path) -> None:
+    """The original's path on a stand-in with the original's forward signature: loaded from our saved checkpoint
+    through trust_remote_code, prefilled with our processor's image inputs, then one token per step on its cache."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "config_molmoe.py").write_text(STAND_IN_CONFIG)
+    (code / "modeling_molmoe.py").write_text(STAND_IN_MODEL)
+    rows = peers.main(["--size", "tiny", "--device", "cpu", "--top-k", "8,4", "--repeats", "1", "--new-tokens", "3",
+                       "--no-olmoe", "--original", str(code)])  # fmt: skip
+    assert {(r.impl, r.top_k) for r in rows} == {("ours", 8), ("ours", 4), ("original", 8), ("original", 4)}
+    calls = next(m for name, m in sys.modules.items() if name.endswith("modeling_molmoe")).CALLS
+    n_prompt = rows[0].n_prompt_tokens
+    prefills = [c for c in calls if c[2] is None]
+    assert len(prefills) == 4 and all(c[0] == n_prompt and c[1] > 1 for c in prefills)  # warm-up + timed, k=8 and 4
+    assert [c[3] for c in prefills] == [8, 4, 8, 4]
+    assert [c[2] for c in calls if c[2] is not None] == [n_prompt, n_prompt + 1] * 4  # one token a step, cache kept
