@@ -169,14 +169,17 @@ def write_random_checkpoint(
 # ----------------------------------------------------------------------------------------------------
 
 
+def proc_kib(path: str, key: str) -> int | None:
+    """A 'Key: N kB' line of a /proc file in bytes, or None (no /proc, no such line)."""
+    file = Path(path)
+    lines = file.read_text().splitlines() if file.is_file() else []
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{key}:")), None)
+
+
 def proc_status(key: str) -> int:
     """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes; ru_maxrss where there is no /proc."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    found = proc_kib("/proc/self/status", key)
+    return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read_floor_ms(model: torch.nn.Module, nbytes: int, repeats: int) -> float:
@@ -282,16 +285,6 @@ def _measure(settings: Settings) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def mem_available() -> int | None:
-    meminfo = Path("/proc/meminfo")
-    if not meminfo.is_file():
-        return None
-    for line in meminfo.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/full_size.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=("full", "mid", "tiny"), default="full", help="model shapes (default: full)")
@@ -310,8 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (the first token comes from prefill; decode starts at the second)")
-    if not (args.shard_mb > 0 and math.isfinite(args.shard_mb)) or args.floor_repeats < 1:
-        p.error("--shard-mb must be a positive number and --floor-repeats >= 1")
+    if not (args.shard_mb > 0 and math.isfinite(args.shard_mb)) or args.floor_repeats < 1 or args.threads < 0:
+        p.error("--shard-mb must be a positive number, --floor-repeats >= 1 and --threads >= 0")
     if args.like is not None and not (args.like / "config.json").is_file():
         p.error(f"--like {args.like}: no config.json there")
     return args
@@ -326,7 +319,7 @@ def main(argv: list[str] | None = None) -> Result:
         config = write_side_files(folder, args.size, args.like)
         layout = checkpoint_layout(config)
         need = sum(math.prod(s) for s in layout.values()) * DTYPES[args.dtype][0].itemsize
-        free_disk, free_ram = shutil.disk_usage(tmp).free, mem_available()
+        free_disk, free_ram = shutil.disk_usage(tmp).free, proc_kib("/proc/meminfo", "MemAvailable")
         if need * 1.02 > free_disk:
             raise SystemExit(f"{need / 1e9:.1f} GB of weights do not fit the {free_disk / 1e9:.1f} GB free in {tmp}")
         if free_ram is not None and need * RSS_TARGET > free_ram:
