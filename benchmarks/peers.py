@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from knob_latency import QUESTION, build_runtime, init_random, int_list, model_config, synthetic_image
+from knob_latency import QUESTION, build_runtime, int_list, model_config, synthetic_image
 from tqdm import tqdm
 
 from lmms_adaptive.controllers.static import StaticController
@@ -83,7 +83,8 @@ def ours(rt: AdaptiveMolmoe, image: np.ndarray, tier: int, new_tokens: int) -> C
 
 
 def olmoe_model(config: MolmoeConfig, device: torch.device, dtype: torch.dtype, seed: int):
-    """transformers' OLMoE with MolmoE's decoder shapes and random weights (no vision backbone)."""
+    """transformers' OLMoE with MolmoE's decoder shapes and its own random initialisation (no vision backbone).
+    Built on the device, not on the meta device: its rotary tables are buffers computed at construction."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     peer_config = OlmoeConfig(
@@ -92,13 +93,12 @@ def olmoe_model(config: MolmoeConfig, device: torch.device, dtype: torch.dtype, 
         num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
         max_position_embeddings=config.max_sequence_length, rope_theta=config.rope_theta,
         rms_norm_eps=config.layer_norm_eps, num_experts=config.moe_num_experts,
-        num_experts_per_tok=config.moe_top_k, norm_topk_prob=False, tie_word_embeddings=False,
+        num_experts_per_tok=config.moe_top_k, norm_topk_prob=False, tie_word_embeddings=False, eos_token_id=None,
     )  # fmt: skip
-    with torch.device("meta"):
-        model = OlmoeForCausalLM(peer_config).to(dtype)
-    model = model.to_empty(device=device)
-    init_random(model, seed)
-    return model.eval().requires_grad_(False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = OlmoeForCausalLM(peer_config)
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def set_top_k(model: torch.nn.Module, top_k: int) -> None:
@@ -123,7 +123,7 @@ def hf_greedy(model, prompt: dict, new_tokens: int, clock: Clock) -> Callable[[i
     """Greedy decoding with a transformers model's own forward and KV cache: the prefill over `prompt` (the
     forward's keyword arguments), then one forward per token."""
 
-    # transformers 5.x renames the forward's `past_key_values` to `cache` (the old name warns until 5.40);
+    # transformers 5.x renames `past_key_values` to `cache` in the forward and its output (the old names warn);
     # remote code written for 4.x knows only the old one
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -134,11 +134,11 @@ def hf_greedy(model, prompt: dict, new_tokens: int, clock: Clock) -> Callable[[i
         out = model(**prompt, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = clock.now() - start
-        cache, steps = out.past_key_values, []
+        cache, steps = getattr(out, cache_arg), []
         for _ in range(new_tokens - 1):
             start = clock.now()
             out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
-            token, cache = out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+            token, cache = out.logits[:, -1].argmax(-1, keepdim=True), getattr(out, cache_arg)
             steps.append(clock.now() - start)
         return Timing(prefill, steps)
 
