@@ -18,6 +18,7 @@ import full_size  # noqa: E402 (the benchmark scripts are found through sys.path
 from lmms_adaptive.core.checkpoint import SAFETENSORS_INDEX, CheckpointError, load_model, stored_tensors  # noqa: E402
 
 
+@pytest.mark.slow
 def test_full_size_tiny_end_to_end(tmp_path: Path, lmms_env) -> None:
     out = tmp_path / "result.json"
     scratch = tmp_path / "scratch"

@@ -43,6 +43,7 @@ def test_olmoe_peer_has_our_decoder_shapes_and_routes_top_k() -> None:
     assert peer.config.num_experts_per_tok == 3 and all(m.top_k == 3 for m in peer.modules() if hasattr(m, "top_k"))
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_the_table(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
