@@ -363,3 +363,36 @@ def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone
     for name, p in model.named_parameters():
         if name in decoder_before:
             assert torch.equal(p, decoder_before[name]), name
+
+
+def test_a_run_fine_tunes_a_checkpoint_on_its_own_mix(tmp_path: Path, tiny_dir: Path) -> None:
+    """`init` starts the run from a copy of a checkpoint (no vision steps: its backbone stays as it was) and
+    `mix` sets the question types the decoder steps cycle through."""
+    cfg = dataclasses.replace(
+        QUICK,
+        steps=2,
+        vision_steps=0,
+        vision_read_steps=0,
+        vision_sharpen_steps=0,
+        mix="detail,color",
+        init=str(tiny_dir),
+    )
+    assert [pretrain.train_sample(0, i, cfg.train_mix).qtype for i in range(4)] == ["detail", "color"] * 2
+    assert {s.qtype for s in pretrain.validation_samples(0, 12, cfg.train_mix)} == {*synthetic.QTYPES, "detail"}
+    folder = pretrain.train(tmp_path / "run", cfg)
+    start, tuned = load_model(tiny_dir).state_dict(), load_model(folder).state_dict()
+    same = {n: torch.equal(start[n].bfloat16(), tuned[n].bfloat16()) for n in start}  # the export is bf16
+    assert all(same[n] for n in start if "vision_backbone" in n) and not same["model.transformer.wte.embedding"]
+    assert (tiny_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
+def test_mix_and_init_are_checked(tmp_path: Path, capsys) -> None:
+    assert pretrain.PretrainConfig().train_mix == pretrain.TRAIN_MIX
+    with pytest.raises(ValueError, match="mix must be comma-separated question types"):
+        pretrain.PretrainConfig(mix="color,colour")
+    with pytest.raises(ValueError, match="init must be a checkpoint folder"):
+        pretrain.PretrainConfig(init=str(tmp_path))
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    flat = capsys.readouterr().out.replace("\n", "").replace(" ", "")
+    assert "--mix" in flat and f"(default{','.join(pretrain.TRAIN_MIX)})" in flat
