@@ -396,3 +396,22 @@ def test_mix_and_init_are_checked(tmp_path: Path, capsys) -> None:
         pretrain.main(["--help"])
     flat = capsys.readouterr().out.replace("\n", "").replace(" ", "")
     assert "--mix" in flat and f"(default{','.join(pretrain.TRAIN_MIX)})" in flat
+
+
+def test_a_detail_image_routes_its_colour_answer_to_the_mark_tokens(tiny_dir: Path) -> None:
+    """The position that writes a detail answer (the prompt's last: a colour is one token) is routed to the
+    image tokens that painting the mark over changes."""
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    (sample,) = synthetic.generate("train", 1, 0, ("detail",))
+    qas = pretrain.sample_questions(sample, random.Random(0), 6)
+    assert [q[2] for q in qas] == ["detail", "color"]
+    for tier in (3, 12):
+        item = pretrain.image_questions(processor, sample, qas, tier, processor.special.eos)
+        batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
+        (at,), (keys,) = batch.route_at.tolist(), batch.route_keys
+        assert at == batch.answer_at[0].tolist()
+        assert processor.decode([int(batch.labels[at[0], at[1]])]).strip() == sample.answer
+        tokens = np.isin(item.request.image_input_idx, keys[keys >= 0].numpy())
+        assert tokens.any() and (item.glyphs.change[0][tokens] > 0).all()
+        kept = item.request.image_input_idx >= 0  # tokens in a crop's overlap margin have no position
+        assert item.glyphs.change[0][kept & ~tokens].max() < 0.05 * item.glyphs.change[0].max()

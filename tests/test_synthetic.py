@@ -495,3 +495,9 @@ def test_detail_questions_and_splits(details):
     unmarked = syn.Scene(scene.size, scene.background, scene.shapes)
     assert repr(scene) == repr(unmarked) and "marks" not in repr(unmarked)
     assert syn.QTYPES == ("color", "shape", "count", "read", "yesno") and "detail" not in syn.VQA_QTYPES
+
+
+def test_erase_mark_leaves_the_scene_without_its_mark(details):
+    for s in details[:3]:
+        unmarked = syn.Scene(s.scene.size, s.scene.background, s.scene.shapes)
+        assert np.array_equal(np.asarray(syn.erase_mark(s.image, s.scene)), np.asarray(syn.render(unmarked)))

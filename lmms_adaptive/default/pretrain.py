@@ -19,7 +19,8 @@ ones. Each image carries several questions about its scene in one row (:class:`B
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
 paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
 colour each question names, which a yes/no answer looks up in the image, and on reading images one block
-is taught where to look (:func:`route_loss`: from the position writing each digit to that glyph's tokens).
+is taught where to look (:func:`route_loss`: from the position writing each digit to that glyph's tokens;
+on `detail` images, from the position writing the colour to the mark's tokens, :func:`mark_tokens`).
 The prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
@@ -274,15 +275,28 @@ def glyph_tokens(
     """Where a reading request shows each glyph: `request` is `sample` processed at `max_crops`; each glyph is
     erased in turn (`synthetic.erase_glyph`) and the image processed again."""
     (text,) = sample.scene.texts
-    n_crops, n_patches, _ = request.images.shape
-    side = math.isqrt(n_patches) // 2  # pooled tokens per crop side: a token is 2 x 2 patches
     changes = []
     for place in range(len(text.text)):
         image = synthetic.erase_glyph(sample.image, text, place)
-        erased = processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)
-        diff = np.abs(request.images - erased.images).sum(-1)  # [crops, patches]
-        changes.append(diff.reshape(n_crops, side, 2, side, 2).sum(axis=(2, 4)).reshape(n_crops, -1))
+        changes.append(token_change(request, processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)))
     return GlyphTokens(request, np.stack(changes))
+
+
+def mark_tokens(
+    processor: MolmoeProcessor, sample: synthetic.Sample, request: ProcessedRequest, max_crops: int
+) -> GlyphTokens:
+    """Where a detail request shows its mark, as one glyph place: the mark painted over (`synthetic.erase_mark`)."""
+    image = synthetic.erase_mark(sample.image, sample.scene)
+    erased = processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)
+    return GlyphTokens(request, token_change(request, erased)[None])
+
+
+def token_change(request: ProcessedRequest, erased: ProcessedRequest) -> np.ndarray:
+    """[crops, tokens per crop]: how much each image token's pixels change between two processed images."""
+    n_crops, n_patches, _ = request.images.shape
+    side = math.isqrt(n_patches) // 2  # pooled tokens per crop side: a token is 2 x 2 patches
+    diff = np.abs(request.images - erased.images).sum(-1)  # [crops, patches]
+    return diff.reshape(n_crops, side, 2, side, 2).sum(axis=(2, 4)).reshape(n_crops, -1)
 
 
 @dataclass(frozen=True)
@@ -296,6 +310,10 @@ class ImageQuestions:
     segments: list[tuple[list[int], list[int]]]
     named: list[int]  # per segment, the colour its question names
     glyphs: GlyphTokens | None = None
+    # the position writing place p of the first answer is (its first answer token's) + route_from + p: 0 for a
+    # number (its leading space writes the first digit), -1 for a detail colour (one token, the prompt's last
+    # position writes it)
+    route_from: int = 0
 
     def glyph_positions(self) -> list[np.ndarray]:
         """Per glyph place, the sequence positions of the image tokens that glyph owns (none: not a reading image)."""
@@ -318,8 +336,11 @@ def image_questions(
         (processor.encode_text(format_prompt(q + POST_PROMPT)), answer_ids(processor.tokenizer, a, eos))
         for q, a, _ in qas
     ]
+    named = [synthetic.named_color(q) for q, _, _ in qas]
+    if sample.qtype == "detail":
+        return ImageQuestions(request, segments, named, mark_tokens(processor, sample, request, max_crops), -1)
     glyphs = glyph_tokens(processor, sample, request, max_crops) if sample.qtype == "read" else None
-    return ImageQuestions(request, segments, [synthetic.named_color(q) for q, _, _ in qas], glyphs)
+    return ImageQuestions(request, segments, named, glyphs)
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
@@ -330,8 +351,8 @@ def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
         owner = [-1] * len(prefix)
         for s, (prompt, answer) in enumerate(item.segments, start=1):
             owner += [-1] * (len(prompt) - 1) + [len(answer_at)] * len(answer) + [-1]
-            if s == 1:  # the position of the answer's leading space writes its first digit
-                first_digit = len(ids) + len(prompt)
+            if s == 1:  # the position of the answer's leading space writes its first digit (see route_from)
+                first_digit = len(ids) + len(prompt) + item.route_from
                 route += [((row, first_digit + p), k) for p, k in enumerate(item.glyph_positions()) if len(k)]
             answer_at.append((row, len(ids) + len(prompt) - 1))
             ids += prompt + answer

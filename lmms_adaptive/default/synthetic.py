@@ -317,6 +317,16 @@ def erase_glyph(image: Image.Image, text: Text, place: int) -> Image.Image:
     return erased
 
 
+def erase_mark(image: Image.Image, scene: Scene) -> Image.Image:
+    """A copy of a rendered detail ``image`` with its mark painted over in the large shape's colour: which image
+    tokens change then is where a model sees the mark."""
+    erased = image.copy()
+    (shape,) = scene.shapes
+    for mark in scene.marks:
+        _draw_mark(ImageDraw.Draw(erased), mark, COLORS[shape.color])
+    return erased
+
+
 @dataclass(frozen=True)
 class ViewLabels:
     """Per-token labels of a view (0 = nothing there): the targets of the vision stage of pre-training."""
