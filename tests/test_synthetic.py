@@ -437,37 +437,33 @@ def test_detail_mark_is_drawn_in_the_answer_colour_inside_the_large_shape(detail
     assert len({s.scene.size for s in details}) >= 4 and len({s.answer for s in details}) >= 4
 
 
-def test_detail_mark_size_in_tokens_and_patches_at_3_and_12_crops():
-    """By the arithmetic of the module docstring: at 12 crops the mark is >= sqrt(2) tokens a side (most of
-    some token, whatever its alignment) and 3 patches; at 3 crops < 1/sqrt(2) (a minority of every token)."""
-    patch = syn.TOKEN_PX / 2
+def test_detail_mark_size_in_patches_at_3_and_12_crops():
+    """By the arithmetic of the module docstring: at 12 crops the mark is >= sqrt(2) patches a side (most of
+    some patch, whatever its alignment); at 3 crops < 1/sqrt(2) (a minority of every patch)."""
     for width, height in syn.READ_SIZES:
         side = syn.mark_side(width, height)
-        at_12, at_3 = side * syn.token_scale(width, height, 12), side * syn.token_scale(width, height, 3)
+        at_12, at_3 = (side * syn.token_scale(width, height, c) * syn.TOKEN_PX / syn.PATCH_PX for c in (12, 3))
         assert math.sqrt(2) <= at_12 < 1.6 and at_3 < 0.7, (width, height, at_12, at_3)
-        assert round(at_12 * syn.TOKEN_PX / patch, 1) == 3.0 and at_3 * syn.TOKEN_PX / patch < 1.4
 
 
 def mark_share(sample: syn.Sample, processor, max_crops: int) -> tuple[float, float]:
-    """(most of a crop token the mark covers, most of a global-view token), measured through the processor: the
-    per-pixel change when the mark is painted in the large shape's colour, over the full colour difference."""
+    """(most of a crop's patch the mark covers, most of a global-view patch), measured through the processor:
+    the per-pixel change when the mark is painted in the large shape's colour, over the full colour difference."""
     from lmms_adaptive.core.processor import DEFAULT_VISION
 
     (mark,), (shape,) = sample.scene.marks, sample.scene.shapes
-    erased = sample.image.copy()
-    x0, y0, x1, y1 = mark.box
-    erased.paste(syn.COLORS[shape.color], (x0, y0, x1, y1))
-    a, b = (processor("q", [im], max_crops=max_crops).images for im in (sample.image, erased))
+    a, b = (
+        processor("q", [im], max_crops=max_crops).images
+        for im in (sample.image, syn.erase_mark(sample.image, sample.scene))
+    )
     std = np.array(DEFAULT_VISION.image_std, dtype=np.float32)
     full = np.abs(np.subtract(syn.COLORS[mark.color], syn.COLORS[shape.color]) / 255 / std).sum()
     crops, n_patches, _ = a.shape
     per_patch = (np.abs(a - b).reshape(crops, n_patches, -1, 3).sum(-1) / full).mean(-1)
-    side = math.isqrt(n_patches) // 2  # tokens per crop side: a token is 2 x 2 patches
-    per_token = per_patch.reshape(crops, side, 2, side, 2).mean(axis=(2, 4))
-    return float(per_token[1:].max()), float(per_token[0].max())
+    return float(per_patch[1:].max()), float(per_patch[0].max())
 
 
-def test_the_processor_shows_the_mark_as_most_of_a_token_at_12_crops_only(details):
+def test_the_processor_shows_the_mark_as_most_of_a_patch_at_12_crops_only(details):
     from lmms_adaptive.core.processor import MolmoeProcessor
 
     processor = MolmoeProcessor.from_pretrained(REPO / "lmms_adaptive" / "resources" / "tiny-molmoe-synth")

@@ -42,16 +42,17 @@ carry them all; 6 crops is in between. In pixels every tier keeps the strokes (a
 2 px module that is below one pixel per module at 3 crops, were never learned by the tiny ViT within a
 CPU budget: docs/embedded-default.md.)
 
-Legibility of ``detail`` (the knob dependence, by the same arithmetic). The mark is a square of
-:data:`MARK_TOKENS` image tokens a side at 12 crops (``mark_side``), so whatever its alignment on the
-56 px token grid, it covers most of at least one token there (a side of t tokens, 1 <= t < 2, covers at
-least (t/2)^2 of the token it covers most; >= 1/2 from t >= sqrt(2)). On the ``detail`` canvases
-(:data:`READ_SIZES`) 3 crops resize 0.43-0.45x as much as 12, so the mark is at most 0.68 tokens a side
-there (1.3 of the 28 px patches, against 3.0 at 12 crops) and a minority of every token it touches (at
-most 0.68^2 = 0.46), the rest of which is the large shape (:data:`MARK_MARGIN_TOKENS`). The vision stage
-labels a token with the colour covering most of it (`view_labels`), so at 3 crops the mark's tokens read
-as the large shape's colour; at 6 crops the mark is 1.0-1.1 tokens a side, a majority or not depending
-on where it falls.
+Legibility of ``detail`` (the knob dependence, by the same arithmetic at the ViT's patch). The ViT embeds
+each 28 px patch of a crop (:data:`PATCH_PX`) on its own before 2 x 2 patches are pooled into a token, so
+what a tier can show is decided per patch: a square of p patches a side (1 <= p < 2) covers at least
+(p/2)^2 of the patch it covers most whatever its alignment (>= 1/2 from p >= sqrt(2)), and at most p^2
+of any patch when p < 1. The mark is :data:`MARK_TOKENS` tokens (1.52 patches) a side at 12 crops
+(``mark_side``): most of some patch there. On the ``detail`` canvases (:data:`READ_SIZES`) 3 crops
+resize 0.43-0.45x as much as 12, so it is at most 0.68 patches a side there, a minority of every patch it
+touches (at most 0.46), the rest of which is the large shape (:data:`MARK_MARGIN_TOKENS`); 6 crops is in
+between (0.9-1.1 patches). A mark of 1.5 tokens (3 patches) at 12 crops, sized by the same argument per
+token instead, was still 1.3 patches at 3 crops and read there as well as at 12 after fine-tuning
+(docs/detail-family.md).
 
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
@@ -112,7 +113,8 @@ READ_DIGITS = (2, 3)  # the number on a sign has 2 or 3 digits
 TOKEN_PX = 56  # one image token covers 56 x 56 px of a crop (2 x 2 patches of 28 px)
 LEGIBLE_GLYPH_TOKENS = 0.9  # glyph pitch in image tokens at 12 crops: at least this
 CROWDED_GLYPH_TOKENS = 0.5  # ... and at 3 crops at most this: two or more glyphs share each token
-MARK_TOKENS = 1.5  # side of a detail mark in image tokens at 12 crops (>= sqrt(2): a majority of some token)
+PATCH_PX = TOKEN_PX // 2  # one ViT patch of a crop
+MARK_TOKENS = 0.76  # side of a detail mark in image tokens at 12 crops: 1.52 patches (>= sqrt(2): most of a patch)
 MARK_MARGIN_TOKENS = 1.0  # the large shape extends this many 3-crop tokens beyond the mark on every side
 DETAIL_SHAPES = ("circle", "hexagon")  # large shapes holding a mark: both contain the disc of 0.866 r
 TEXT_COLOR: RGB = (25, 25, 25)
