@@ -50,7 +50,7 @@ of any patch when p < 1. The mark is :data:`MARK_TOKENS` tokens (1.52 patches) a
 (``mark_side``): most of some patch there. On the ``detail`` canvases (:data:`READ_SIZES`) 3 crops
 resize 0.43-0.45x as much as 12, so it is at most 0.68 patches a side there, a minority of every patch it
 touches (at most 0.46), the rest of which is the large shape (:data:`MARK_MARGIN_TOKENS`); 6 crops is in
-between (0.9-1.1 patches). A mark of 1.5 tokens (3 patches) at 12 crops, sized by the same argument per
+between (1.1 patches). A mark of 1.5 tokens (3 patches) at 12 crops, sized by the same argument per
 token instead, was still 1.3 patches at 3 crops and read there as well as at 12 after fine-tuning
 (docs/detail-family.md).
 
@@ -450,9 +450,9 @@ def mark_side(width: int, height: int) -> int:
 
 
 def _plan_detail(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
-    """A large circle or hexagon, and inside it a square mark of a colour that is not a look-alike of its
-    own (:data:`LOOKALIKES`), at least
-    :data:`MARK_MARGIN_TOKENS` 3-crop tokens from its edge (the square's corners within 0.866 r)."""
+    """A large circle or hexagon, and inside it a square mark of a colour that is neither its own nor a
+    look-alike of it (:data:`LOOKALIKES`), at least :data:`MARK_MARGIN_TOKENS` 3-crop tokens from its edge
+    (the corners of the mark and its margin within 0.866 r, a disc both shapes contain)."""
     size = rng.choice(READ_SIZES)
     side = mark_side(*size)
     half = side / 2 + MARK_MARGIN_TOKENS / token_scale(*size, 3)  # the mark and its margin: a square of 2 half
