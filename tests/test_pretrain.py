@@ -363,3 +363,55 @@ def test_vision_steps_lower_the_read_out_loss_and_touch_only_the_vision_backbone
     for name, p in model.named_parameters():
         if name in decoder_before:
             assert torch.equal(p, decoder_before[name]), name
+
+
+def test_a_run_fine_tunes_a_checkpoint_on_its_own_mix(tmp_path: Path, tiny_dir: Path) -> None:
+    """`init` starts the run from a copy of a checkpoint (no vision steps: its backbone stays as it was) and
+    `mix` sets the question types the decoder steps cycle through."""
+    cfg = dataclasses.replace(
+        QUICK,
+        steps=2,
+        vision_steps=0,
+        vision_read_steps=0,
+        vision_sharpen_steps=0,
+        mix="detail,color",
+        init=str(tiny_dir),
+    )
+    assert [pretrain.train_sample(0, i, cfg.train_mix).qtype for i in range(4)] == ["detail", "color"] * 2
+    assert {s.qtype for s in pretrain.validation_samples(0, 12, cfg.train_mix)} == {*synthetic.QTYPES, "detail"}
+    folder = pretrain.train(tmp_path / "run", cfg)
+    start, tuned = load_model(tiny_dir).state_dict(), load_model(folder).state_dict()
+    same = {n: torch.equal(start[n].bfloat16(), tuned[n].bfloat16()) for n in start}  # the export is bf16
+    assert all(same[n] for n in start if "vision_backbone" in n) and not same["model.transformer.wte.embedding"]
+    assert (tiny_dir / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+
+
+def test_mix_and_init_are_checked(tmp_path: Path, capsys) -> None:
+    assert pretrain.PretrainConfig().train_mix == pretrain.TRAIN_MIX
+    with pytest.raises(ValueError, match="mix must be comma-separated question types"):
+        pretrain.PretrainConfig(mix="color,colour")
+    with pytest.raises(ValueError, match="init must be a checkpoint folder"):
+        pretrain.PretrainConfig(init=str(tmp_path))
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    flat = capsys.readouterr().out.replace("\n", "").replace(" ", "")
+    assert "--mix" in flat and f"(default{','.join(pretrain.TRAIN_MIX)})" in flat
+
+
+def test_a_detail_image_routes_its_colour_answer_to_the_mark_tokens(tiny_dir: Path) -> None:
+    """The position that writes a detail answer (the prompt's last: a colour is one token) is routed to the
+    image tokens that painting the mark over changes."""
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    (sample,) = synthetic.generate("train", 1, 0, ("detail",))
+    qas = pretrain.sample_questions(sample, random.Random(0), 6)
+    assert [q[2] for q in qas] == ["detail", "color"]
+    for tier in (3, 12):
+        item = pretrain.image_questions(processor, sample, qas, tier, processor.special.eos)
+        batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
+        (at,), (keys,) = batch.route_at.tolist(), batch.route_keys
+        assert at == batch.answer_at[0].tolist()
+        assert processor.decode([int(batch.labels[at[0], at[1]])]).strip() == sample.answer
+        tokens = np.isin(item.request.image_input_idx, keys[keys >= 0].numpy())
+        assert tokens.any() and (item.glyphs.change[0][tokens] > 0).all()
+        kept = item.request.image_input_idx >= 0  # tokens in a crop's overlap margin have no position
+        assert item.glyphs.change[0][kept & ~tokens].max() < 0.05 * item.glyphs.change[0].max()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import math
 import random
 import re
 import time
@@ -403,3 +404,96 @@ def test_make_synthetic_regenerates_committed_files(tmp_path, lmms_env):
         assert pq.read_table(fresh).equals(pq.read_table(committed)), (
             f"{name} is stale: run python tasks/make_synthetic.py"
         )
+
+
+# --------------------------------------------------------------------------- detail
+
+
+DETAIL_Q = re.compile(r"What color is the square in the (\w+)\?")
+
+
+@pytest.fixture(scope="module")
+def details() -> list[syn.Sample]:
+    return syn.generate("train", 12, seed=7, qtypes=syn.DETAIL_QTYPES)
+
+
+def test_detail_mark_is_drawn_in_the_answer_colour_inside_the_large_shape(details):
+    """The answer is the mark's drawn colour: every pixel of the mark has it and no other pixel does, and the
+    large shape's colour, another one, fills the margin of one 3-crop token around the mark."""
+    for s in details:
+        (mark,), (shape,) = s.scene.marks, s.scene.shapes
+        assert DETAIL_Q.fullmatch(s.question).groups() == (shape.kind,) and shape.kind in syn.DETAIL_SHAPES
+        assert s.answer == mark.color != shape.color and s.qtype == "detail"
+        assert s.answer not in syn.LOOKALIKES[shape.color]
+        px = pixels(s)
+        x0, y0, x1, y1 = mark.box
+        assert (px[y0:y1, x0:x1] == syn.COLORS[s.answer]).all(), s.sample_id
+        assert (px == syn.COLORS[s.answer]).all(axis=2).sum() == mark.side**2, s.sample_id
+        margin = math.floor(syn.MARK_MARGIN_TOKENS / syn.token_scale(*s.scene.size, 3))
+        ring = px[y0 - margin : y1 + margin, x0 - margin : x1 + margin].copy()
+        ring[margin:-margin, margin:-margin] = syn.COLORS[shape.color]
+        assert (ring == syn.COLORS[shape.color]).all(), s.sample_id
+        assert components(s) == 1  # the mark lies inside the shape
+    assert len({s.scene.size for s in details}) >= 4 and len({s.answer for s in details}) >= 4
+
+
+def test_detail_mark_size_in_patches_at_3_and_12_crops():
+    """By the arithmetic of the module docstring: at 12 crops the mark is >= sqrt(2) patches a side (most of
+    some patch, whatever its alignment); at 3 crops < 1/sqrt(2) (a minority of every patch)."""
+    for width, height in syn.READ_SIZES:
+        side = syn.mark_side(width, height)
+        at_12, at_3 = (side * syn.token_scale(width, height, c) * syn.TOKEN_PX / syn.PATCH_PX for c in (12, 3))
+        assert math.sqrt(2) <= at_12 < 1.6 and at_3 < 0.7, (width, height, at_12, at_3)
+
+
+def mark_share(sample: syn.Sample, processor, max_crops: int) -> tuple[float, float]:
+    """(most of a crop's patch the mark covers, most of a global-view patch), measured through the processor:
+    the per-pixel change when the mark is painted in the large shape's colour, over the full colour difference."""
+    from lmms_adaptive.core.processor import DEFAULT_VISION
+
+    (mark,), (shape,) = sample.scene.marks, sample.scene.shapes
+    a, b = (
+        processor("q", [im], max_crops=max_crops).images
+        for im in (sample.image, syn.erase_mark(sample.image, sample.scene))
+    )
+    std = np.array(DEFAULT_VISION.image_std, dtype=np.float32)
+    full = np.abs(np.subtract(syn.COLORS[mark.color], syn.COLORS[shape.color]) / 255 / std).sum()
+    crops, n_patches, _ = a.shape
+    per_patch = (np.abs(a - b).reshape(crops, n_patches, -1, 3).sum(-1) / full).mean(-1)
+    return float(per_patch[1:].max()), float(per_patch[0].max())
+
+
+def test_the_processor_shows_the_mark_as_most_of_a_patch_at_12_crops_only(details):
+    from lmms_adaptive.core.processor import MolmoeProcessor
+
+    processor = MolmoeProcessor.from_pretrained(REPO / "lmms_adaptive" / "resources" / "tiny-molmoe-synth")
+    for s in details[:4]:
+        crop_12, global_12 = mark_share(s, processor, 12)
+        crop_3, global_3 = mark_share(s, processor, 3)
+        assert crop_12 >= 0.5 and crop_3 < 0.5 and max(global_12, global_3) < 0.3, (s.sample_id, crop_12, crop_3)
+
+
+def test_detail_questions_and_splits(details):
+    rng = random.Random(0)
+    for s in details:
+        questions = syn.questions_about(s.scene, rng)
+        (shape,) = s.scene.shapes
+        assert sorted(questions) == sorted(
+            [(s.question, s.answer, "detail"), (f"What color is the {shape.kind}?", shape.color, "color")]
+        )
+        assert set(syn.tokens(s.question)) <= set(syn.vocabulary())
+    for split in syn.SPLITS:
+        generated = syn.generate(split, 3, seed=1, qtypes=("color", "detail"))
+        assert [s.qtype for s in generated] == ["color", "detail", "color"]
+        assert all(syn.split_of(s.scene, s.question) == split for s in generated)
+    # the mark takes part in the split hash; the other types' scenes hash as before (no marks field in the repr)
+    scene = details[0].scene
+    unmarked = syn.Scene(scene.size, scene.background, scene.shapes)
+    assert repr(scene) == repr(unmarked) and "marks" not in repr(unmarked)
+    assert syn.QTYPES == ("color", "shape", "count", "read", "yesno") and "detail" not in syn.VQA_QTYPES
+
+
+def test_erase_mark_leaves_the_scene_without_its_mark(details):
+    for s in details[:3]:
+        unmarked = syn.Scene(s.scene.size, s.scene.background, s.scene.shapes)
+        assert np.array_equal(np.asarray(syn.erase_mark(s.image, s.scene)), np.asarray(syn.render(unmarked)))

@@ -19,7 +19,8 @@ ones. Each image carries several questions about its scene in one row (:class:`B
 the image and itself only, exactly as if asked alone, so the image tokens that make up most of a row are
 paid once for all of them. A throw-away read-out (:class:`QuestionHead`) asks the early blocks for the
 colour each question names, which a yes/no answer looks up in the image, and on reading images one block
-is taught where to look (:func:`route_loss`: from the position writing each digit to that glyph's tokens).
+is taught where to look (:func:`route_loss`: from the position writing each digit to that glyph's tokens;
+on `detail` images, from the position writing the colour to the mark's tokens, :func:`mark_tokens`).
 The prompt is exactly what evaluation sends (question + lmms-eval's post-prompt, Molmo chat format).
 
 Steps are deterministic functions of (seed, step): the plan, the samples and their order, so a resumed
@@ -83,6 +84,7 @@ POST_PROMPT = "\nAnswer the question using a single word or phrase."
 TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesno", "read", "read", "read")
 
 
+TEXT_SETTINGS = ("mix", "init")  # string settings: checked in PretrainConfig.__post_init__ on their own
 NON_NEGATIVE = ("weight_decay", "vision_steps", "vision_read_steps", "vision_sharpen_steps", "vision_lr_scale")
 
 
@@ -109,10 +111,22 @@ class PretrainConfig:
     eval_every: int = 200
     eval_samples: int = 40  # validation samples per evaluation (each run at every tier)
     save_every: int = 50
+    mix: str = ",".join(TRAIN_MIX)  # question types the decoder steps cycle through, comma-separated
+    init: str = ""  # a checkpoint folder to fine-tune (its config and tokenizer are kept); "": from scratch
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.train_mix) - set(synthetic.PLANNERS))
+        if not self.mix or unknown:
+            raise ValueError(
+                f"pretrain config: mix must be comma-separated question types of {sorted(synthetic.PLANNERS)}, "
+                f"got {self.mix!r}"
+            )
+        if self.init and not (Path(self.init) / "config.json").is_file():
+            raise ValueError(f"pretrain config: init must be a checkpoint folder with a config.json, got {self.init!r}")
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in TEXT_SETTINGS:
+                continue
             if f.name in NON_NEGATIVE:
                 if not value >= 0:
                     raise ValueError(f"pretrain config: {f.name} must be >= 0, got {value!r}")
@@ -123,6 +137,10 @@ class PretrainConfig:
                 "pretrain config: vision_read_steps + vision_sharpen_steps must be <= vision_steps, got "
                 f"{self.vision_read_steps} + {self.vision_sharpen_steps} > {self.vision_steps}"
             )
+
+    @property
+    def train_mix(self) -> tuple[str, ...]:
+        return tuple(q.strip() for q in self.mix.split(","))
 
     def lr_at(self, step: int) -> float:
         """Decoder stage: linear warm-up, then cosine decay to lr * min_lr_ratio."""
@@ -165,11 +183,11 @@ def sample_step_plan(space: KnobSpace, seed: int, step: int, full_plan_prob: flo
     return StepPlan(max_crops, space.schedule(plan, order))
 
 
-def train_sample(seed: int, index: int) -> synthetic.Sample:
-    """The `index`-th training sample: question types cycle through TRAIN_MIX."""
-    cycle, slot = divmod(index, len(TRAIN_MIX))
-    qtype = TRAIN_MIX[slot]
-    return synthetic.make_sample("train", seed, qtype, cycle * TRAIN_MIX.count(qtype) + TRAIN_MIX[:slot].count(qtype))
+def train_sample(seed: int, index: int, mix: tuple[str, ...] = TRAIN_MIX) -> synthetic.Sample:
+    """The `index`-th training sample: question types cycle through `mix`."""
+    cycle, slot = divmod(index, len(mix))
+    qtype = mix[slot]
+    return synthetic.make_sample("train", seed, qtype, cycle * mix.count(qtype) + mix[:slot].count(qtype))
 
 
 def sample_questions(sample: synthetic.Sample, rng: random.Random, limit: int) -> list[tuple[str, str, str]]:
@@ -257,15 +275,28 @@ def glyph_tokens(
     """Where a reading request shows each glyph: `request` is `sample` processed at `max_crops`; each glyph is
     erased in turn (`synthetic.erase_glyph`) and the image processed again."""
     (text,) = sample.scene.texts
-    n_crops, n_patches, _ = request.images.shape
-    side = math.isqrt(n_patches) // 2  # pooled tokens per crop side: a token is 2 x 2 patches
     changes = []
     for place in range(len(text.text)):
         image = synthetic.erase_glyph(sample.image, text, place)
-        erased = processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)
-        diff = np.abs(request.images - erased.images).sum(-1)  # [crops, patches]
-        changes.append(diff.reshape(n_crops, side, 2, side, 2).sum(axis=(2, 4)).reshape(n_crops, -1))
+        changes.append(token_change(request, processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)))
     return GlyphTokens(request, np.stack(changes))
+
+
+def mark_tokens(
+    processor: MolmoeProcessor, sample: synthetic.Sample, request: ProcessedRequest, max_crops: int
+) -> GlyphTokens:
+    """Where a detail request shows its mark, as one glyph place: the mark painted over (`synthetic.erase_mark`)."""
+    image = synthetic.erase_mark(sample.image, sample.scene)
+    erased = processor(sample.question + POST_PROMPT, [image], max_crops=max_crops)
+    return GlyphTokens(request, token_change(request, erased)[None])
+
+
+def token_change(request: ProcessedRequest, erased: ProcessedRequest) -> np.ndarray:
+    """[crops, tokens per crop]: how much each image token's pixels change between two processed images."""
+    n_crops, n_patches, _ = request.images.shape
+    side = math.isqrt(n_patches) // 2  # pooled tokens per crop side: a token is 2 x 2 patches
+    diff = np.abs(request.images - erased.images).sum(-1)  # [crops, patches]
+    return diff.reshape(n_crops, side, 2, side, 2).sum(axis=(2, 4)).reshape(n_crops, -1)
 
 
 @dataclass(frozen=True)
@@ -279,6 +310,10 @@ class ImageQuestions:
     segments: list[tuple[list[int], list[int]]]
     named: list[int]  # per segment, the colour its question names
     glyphs: GlyphTokens | None = None
+    # the position writing place p of the first answer is (its first answer token's) + route_from + p: 0 for a
+    # number (its leading space writes the first digit), -1 for a detail colour (one token, the prompt's last
+    # position writes it)
+    route_from: int = 0
 
     def glyph_positions(self) -> list[np.ndarray]:
         """Per glyph place, the sequence positions of the image tokens that glyph owns (none: not a reading image)."""
@@ -301,8 +336,11 @@ def image_questions(
         (processor.encode_text(format_prompt(q + POST_PROMPT)), answer_ids(processor.tokenizer, a, eos))
         for q, a, _ in qas
     ]
+    named = [synthetic.named_color(q) for q, _, _ in qas]
+    if sample.qtype == "detail":
+        return ImageQuestions(request, segments, named, mark_tokens(processor, sample, request, max_crops), -1)
     glyphs = glyph_tokens(processor, sample, request, max_crops) if sample.qtype == "read" else None
-    return ImageQuestions(request, segments, [synthetic.named_color(q) for q, _, _ in qas], glyphs)
+    return ImageQuestions(request, segments, named, glyphs)
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
@@ -313,8 +351,8 @@ def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
         owner = [-1] * len(prefix)
         for s, (prompt, answer) in enumerate(item.segments, start=1):
             owner += [-1] * (len(prompt) - 1) + [len(answer_at)] * len(answer) + [-1]
-            if s == 1:  # the position of the answer's leading space writes its first digit
-                first_digit = len(ids) + len(prompt)
+            if s == 1:  # the position of the answer's leading space writes its first digit (see route_from)
+                first_digit = len(ids) + len(prompt) + item.route_from
                 route += [((row, first_digit + p), k) for p, k in enumerate(item.glyph_positions()) if len(k)]
             answer_at.append((row, len(ids) + len(prompt) - 1))
             ids += prompt + answer
@@ -368,7 +406,7 @@ class StepStream(torch.utils.data.IterableDataset):
             plan = sample_step_plan(space, cfg.seed, step, cfg.full_plan_prob)
             items = []
             for index in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
-                sample = train_sample(cfg.seed, index)
+                sample = train_sample(cfg.seed, index, cfg.train_mix)
                 qas = sample_questions(sample, random.Random(f"questions/{cfg.seed}/{index}"), cfg.questions_per_image)
                 items.append(image_questions(processor, sample, qas, plan.max_crops, eos))
             yield step, plan, collate(items, pad)
@@ -635,8 +673,11 @@ class VisionStream(torch.utils.data.IterableDataset):
 # ----------------------------------------------------------------------------------------------------
 
 
-def validation_samples(seed: int, n: int) -> list[synthetic.Sample]:
-    return synthetic.generate("validation", n, seed)
+def validation_samples(seed: int, n: int, mix: tuple[str, ...] = TRAIN_MIX) -> list[synthetic.Sample]:
+    """The suite's question types, then any other type of `mix`, in turn."""
+    return synthetic.generate(
+        "validation", n, seed, synthetic.QTYPES + tuple(q for q in mix if q not in synthetic.QTYPES)
+    )
 
 
 def evaluate(runtime: AdaptiveMolmoe, samples: list[synthetic.Sample]) -> dict[tuple[int, str], float]:
@@ -671,11 +712,20 @@ class RunDir:
         self.config = root / "pretrain_config.json"
 
     def prepare(self, cfg: PretrainConfig) -> None:
-        """Create the run, or check that an existing one was started with the same config."""
+        """Create the run, or check that an existing one was started with the same config. The run starts from
+        a random tiny model, or from a copy of the checkpoint `cfg.init` names."""
         self.root.mkdir(parents=True, exist_ok=True)
         check_settings(self.config, asdict(cfg))
-        if not (self.init / "model.safetensors").is_file():
+        if (self.init / "model.safetensors").is_file():
+            return
+        if not cfg.init:
             build_tiny(self.init, seed=cfg.seed)
+            return
+        self.init.mkdir(exist_ok=True)
+        for f in sorted(Path(cfg.init).iterdir()):
+            if f.is_file() and f.name != "model.safetensors":
+                (self.init / f.name).write_bytes(f.read_bytes())
+        (self.init / "model.safetensors").write_bytes((Path(cfg.init) / "model.safetensors").read_bytes())
 
     def save_state(self, modules: dict[str, torch.nn.Module | torch.optim.Optimizer], step: int) -> None:
         """`step` counts vision steps, then decoder steps: vision_steps + n after n decoder steps."""
@@ -799,7 +849,7 @@ def _train(run: RunDir, cfg: PretrainConfig, device: str) -> Path:
     # vision_lr_scale 0 freezes the backbone: a decoder read-out follows glyph features only while they hold still
     model.model.vision_backbone.requires_grad_(cfg.vision_lr_scale > 0)
     runtime = AdaptiveMolmoe(model, MolmoeProcessor.from_pretrained(run.init))
-    val = validation_samples(cfg.seed, cfg.eval_samples)
+    val = validation_samples(cfg.seed, cfg.eval_samples, cfg.train_mix)
 
     loader = torch.utils.data.DataLoader(
         StepStream(run.init, cfg, start), batch_size=None, num_workers=1, prefetch_factor=4

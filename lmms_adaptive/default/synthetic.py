@@ -1,13 +1,15 @@
 """A seeded, procedural visual-QA suite whose accuracy depends on the vision tier.
 
 Every sample is drawn with PIL from a small set of parameters (a :class:`Scene`), and its answer is
-derived from those same parameters, so it is right by construction. Five question types:
+derived from those same parameters, so it is right by construction. Six question types:
 
 - ``color``: "What color is the <shape>?" about one large shape (easy at any tier);
 - ``shape``: "What shape is shown?" about one large shape;
 - ``count``: "How many shapes are there?" over 1-6 medium, non-overlapping shapes (answer "1".."6");
 - ``read``: "What number is written on the sign?": a 2-3 digit number on a sign on a large canvas,
   in the built-in 5x7 bitmap font (:data:`GLYPHS`);
+- ``detail``: "What color is the square in the <shape>?" about one small square mark inside one large
+  circle or hexagon of another colour (:data:`DETAIL_QTYPES`; not part of the task files' suites);
 - ``yesno``: POPE's form "Is there a <colour> shape in the image?" over 2-4 medium shapes, yes/no
   balanced; a "no" names a random absent colour or, adversarially, an absent look-alike of one present
   (:data:`LOOKALIKES`), as POPE's negatives are random or confusable objects. It asks for a colour, not
@@ -40,6 +42,18 @@ carry them all; 6 crops is in between. In pixels every tier keeps the strokes (a
 2 px module that is below one pixel per module at 3 crops, were never learned by the tiny ViT within a
 CPU budget: docs/embedded-default.md.)
 
+Legibility of ``detail`` (the knob dependence, by the same arithmetic at the ViT's patch). The ViT embeds
+each 28 px patch of a crop (:data:`PATCH_PX`) on its own before 2 x 2 patches are pooled into a token, so
+what a tier can show is decided per patch: a square of p patches a side (1 <= p < 2) covers at least
+(p/2)^2 of the patch it covers most whatever its alignment (>= 1/2 from p >= sqrt(2)), and at most p^2
+of any patch when p < 1. The mark is :data:`MARK_TOKENS` tokens (1.52 patches) a side at 12 crops
+(``mark_side``): most of some patch there. On the ``detail`` canvases (:data:`READ_SIZES`) 3 crops
+resize 0.43-0.45x as much as 12, so it is at most 0.68 patches a side there, a minority of every patch it
+touches (at most 0.46), the rest of which is the large shape (:data:`MARK_MARGIN_TOKENS`); 6 crops is in
+between (1.1 patches). A mark of 1.5 tokens (3 patches) at 12 crops, sized by the same argument per
+token instead, was still 1.3 patches at 3 crops and read there as well as at 12 after fine-tuning
+(docs/detail-family.md).
+
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
 """
@@ -54,7 +68,7 @@ import os
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -68,6 +82,7 @@ if TYPE_CHECKING:
 
 QTYPES = ("color", "shape", "count", "read", "yesno")
 VQA_QTYPES = ("color", "shape", "count", "read")
+DETAIL_QTYPES = ("detail",)  # generated on request (qtypes=...); QTYPES and the task files' suites leave it out
 SPLITS = ("train", "validation", "test")
 
 RGB = tuple[int, int, int]
@@ -98,6 +113,10 @@ READ_DIGITS = (2, 3)  # the number on a sign has 2 or 3 digits
 TOKEN_PX = 56  # one image token covers 56 x 56 px of a crop (2 x 2 patches of 28 px)
 LEGIBLE_GLYPH_TOKENS = 0.9  # glyph pitch in image tokens at 12 crops: at least this
 CROWDED_GLYPH_TOKENS = 0.5  # ... and at 3 crops at most this: two or more glyphs share each token
+PATCH_PX = TOKEN_PX // 2  # one ViT patch of a crop
+MARK_TOKENS = 0.76  # side of a detail mark in image tokens at 12 crops: 1.52 patches (>= sqrt(2): most of a patch)
+MARK_MARGIN_TOKENS = 1.0  # the large shape extends this many 3-crop tokens beyond the mark on every side
+DETAIL_SHAPES = ("circle", "hexagon")  # large shapes holding a mark: both contain the disc of 0.866 r
 TEXT_COLOR: RGB = (25, 25, 25)
 SIGN_COLOR: RGB = (252, 252, 248)
 SIGN_BORDER: RGB = (90, 90, 90)
@@ -122,6 +141,7 @@ Q_SHAPE = "What shape is shown?"
 Q_COUNT = "How many shapes are there?"
 Q_READ = "What number is written on the sign?"
 Q_YESNO = "Is there a {color} shape in the image?"
+Q_DETAIL = "What color is the square in the {shape}?"
 # neighbours on the colour wheel (brown, black and gray by lightness): the adversarial "no" of a yes/no question
 LOOKALIKES: dict[str, tuple[str, ...]] = {
     "red": ("orange", "pink"), "orange": ("red", "yellow", "brown"), "yellow": ("orange", "green"),
@@ -161,6 +181,21 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Mark:
+    """A filled axis-aligned square of ``side`` px, top-left corner at (x, y), drawn over the shapes."""
+
+    color: str
+    x: int
+    y: int
+    side: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """Inclusive-exclusive (x0, y0, x1, y1)."""
+        return self.x, self.y, self.x + self.side, self.y + self.side
+
+
+@dataclass(frozen=True)
 class Scene:
     """Everything an image is drawn from."""
 
@@ -168,6 +203,8 @@ class Scene:
     background: RGB
     shapes: tuple[Shape, ...] = ()
     texts: tuple[Text, ...] = ()  # signs: a reading question's scene has one
+    # a detail question's scene has one; out of the repr so the other scenes hash as before (`split_of`)
+    marks: tuple[Mark, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -230,6 +267,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, fill: RGB | int | None 
         draw.polygon(_polygon(shape.kind, shape.cx, shape.cy, shape.r), fill=fill)
 
 
+def _draw_mark(draw: ImageDraw.ImageDraw, mark: Mark, fill: RGB | int) -> None:
+    x0, y0, x1, y1 = mark.box
+    draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+
+
 def _glyph_boxes(text: Text) -> list[tuple[int, int, int, int]]:
     """Each glyph's 5x7-module cell, inclusive (x0, y0, x1, y1) as PIL draws rectangles."""
     m = text.module
@@ -260,6 +302,8 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for shape in scene.shapes:
         _draw_shape(draw, shape)
+    for mark in scene.marks:
+        _draw_mark(draw, mark, COLORS[mark.color])
     for text in scene.texts:
         x0, y0, x1, y1 = sign_box(text)
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=SIGN_COLOR, outline=SIGN_BORDER, width=text.module)
@@ -272,6 +316,16 @@ def erase_glyph(image: Image.Image, text: Text, place: int) -> Image.Image:
     sign's colour: which image tokens change then is where a model sees that glyph."""
     erased = image.copy()
     ImageDraw.Draw(erased).rectangle(_glyph_boxes(text)[place], fill=SIGN_COLOR)
+    return erased
+
+
+def erase_mark(image: Image.Image, scene: Scene) -> Image.Image:
+    """A copy of a rendered detail ``image`` with its mark painted over in the large shape's colour: which image
+    tokens change then is where a model sees the mark."""
+    erased = image.copy()
+    (shape,) = scene.shapes
+    for mark in scene.marks:
+        _draw_mark(ImageDraw.Draw(erased), mark, COLORS[shape.color])
     return erased
 
 
@@ -295,6 +349,9 @@ def view_labels(scene: Scene, size: tuple[int, int], cell: int, min_cover: float
     for shape in scene.shapes:
         _draw_shape(kinds, shape, 1 + SHAPES.index(shape.kind))
         _draw_shape(colors, shape, 1 + list(COLORS).index(shape.color))
+    for mark in scene.marks:
+        _draw_mark(kinds, mark, 1 + SHAPES.index("square"))
+        _draw_mark(colors, mark, 1 + list(COLORS).index(mark.color))
     for text in scene.texts:
         for place, (char, box) in enumerate(zip(text.text, _glyph_boxes(text)), start=1):
             digits.rectangle(box, fill=1 + int(char))
@@ -382,6 +439,36 @@ def _plan_read(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
     return Scene(size, rng.choice(BACKGROUNDS), (), (text,)), Q_READ, content, ""
 
 
+def token_scale(width: int, height: int, max_crops: int) -> float:
+    """Image tokens per canvas pixel at ``max_crops``: the processor's resize factor over :data:`TOKEN_PX`."""
+    return processed_scale(width, height, max_crops) / TOKEN_PX
+
+
+def mark_side(width: int, height: int) -> int:
+    """Side in px of a detail mark on a ``width x height`` canvas: :data:`MARK_TOKENS` tokens at 12 crops."""
+    return round(MARK_TOKENS / token_scale(width, height, 12))
+
+
+def _plan_detail(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
+    """A large circle or hexagon, and inside it a square mark of a colour that is neither its own nor a
+    look-alike of it (:data:`LOOKALIKES`), at least :data:`MARK_MARGIN_TOKENS` 3-crop tokens from its edge
+    (the corners of the mark and its margin within 0.866 r, a disc both shapes contain)."""
+    size = rng.choice(READ_SIZES)
+    side = mark_side(*size)
+    half = side / 2 + MARK_MARGIN_TOKENS / token_scale(*size, 3)  # the mark and its margin: a square of 2 half
+    r_min, r_max = math.ceil(math.sqrt(2) * half / 0.866), (min(size) - 5) // 2
+    r = rng.randint(r_min, r_max)
+    cx, cy = rng.randint(r + 2, size[0] - r - 3), rng.randint(r + 2, size[1] - r - 3)
+    slack = (0.866 * r - math.sqrt(2) * half) / math.sqrt(2)  # the mark's centre may move this far on each axis
+    mx, my = cx + rng.uniform(-slack, slack), cy + rng.uniform(-slack, slack)
+    big = rng.choice(list(COLORS))
+    small = rng.choice([c for c in COLORS if c != big and c not in LOOKALIKES[big]])  # a contrasting colour
+    shape = Shape(rng.choice(DETAIL_SHAPES), big, cx, cy, r)
+    mark = Mark(small, round(mx - side / 2), round(my - side / 2), side)
+    scene = Scene(size, rng.choice(BACKGROUNDS), (shape,), marks=(mark,))
+    return scene, Q_DETAIL.format(shape=shape.kind), small, ""
+
+
 def sign_sheet(rng: random.Random, max_crops: int) -> Scene:
     """What one crop shows of a reading canvas (:data:`READ_SIZES`) at ``max_crops``, but filled with signs in
     rows, each cut wherever the crop's edge falls: the vision stage's reading views. Its side is the crop's
@@ -423,7 +510,10 @@ def _negatives(colors: Sequence[str], category: str) -> list[str]:
     return [c for c in absent if (c in lookalike) == (category == "adversarial")]
 
 
-PLANNERS = {"color": _plan_color, "shape": _plan_shape, "count": _plan_count, "read": _plan_read, "yesno": _plan_yesno}
+PLANNERS = {
+    "color": _plan_color, "shape": _plan_shape, "count": _plan_count, "read": _plan_read, "yesno": _plan_yesno,
+    "detail": _plan_detail,
+}  # fmt: skip
 
 
 def named_color(question: str) -> int:
@@ -441,6 +531,14 @@ def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
     if scene.texts:
         (text,) = scene.texts
         return [(Q_READ, text.text, "read")]
+    if scene.marks:
+        (mark,), (shape,) = scene.marks, scene.shapes
+        out = [
+            (Q_DETAIL.format(shape=shape.kind), mark.color, "detail"),
+            (Q_COLOR.format(shape=shape.kind), shape.color, "color"),
+        ]
+        rng.shuffle(out)
+        return out
     pairs = [(s.kind, s.color) for s in scene.shapes]
     kinds = [k for k, _ in pairs]
     present = sorted({c for _, c in pairs})
@@ -463,7 +561,8 @@ def questions_about(scene: Scene, rng: random.Random) -> list[tuple[str, str, st
 
 def split_of(scene: Scene, question: str) -> str:
     """The one split an (image, question) pair belongs to: a fixed hash partition of the parameters."""
-    digest = hashlib.blake2b(repr((scene, question)).encode(), digest_size=8).digest()
+    key = (scene, question, scene.marks) if scene.marks else (scene, question)
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return SPLITS[int.from_bytes(digest, "big") % len(SPLITS)]
 
 
@@ -517,6 +616,7 @@ def vocabulary() -> tuple[str, ...]:
     texts = [Q_SHAPE, Q_COUNT, Q_READ, "yes no", *COLORS, *SHAPES, "0123456789"]
     texts += [Q_COLOR.format(shape=s) for s in SHAPES]
     texts += [Q_YESNO.format(color=c) for c in COLORS]
+    texts += [Q_DETAIL.format(shape=s) for s in DETAIL_SHAPES]
     return tuple(sorted({t for text in texts for t in tokens(text)}))
 
 
