@@ -395,7 +395,7 @@ def test_mix_and_init_are_checked(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         pretrain.main(["--help"])
     flat = capsys.readouterr().out.replace("\n", "").replace(" ", "")
-    assert "--mix" in flat and f"(default{','.join(pretrain.TRAIN_MIX)})" in flat
+    assert "--mix" in flat and f"(default:{','.join(pretrain.TRAIN_MIX)})" in flat
 
 
 def test_a_detail_image_routes_its_colour_answer_to_the_mark_tokens(tiny_dir: Path) -> None:

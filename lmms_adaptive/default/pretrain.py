@@ -914,6 +914,8 @@ SETTING_HELP = {
     "eval_every": "decoder steps between validations",
     "eval_samples": "validation samples per validation, each run at every tier",
     "save_every": "steps between saved states (the resume points)",
+    "mix": "question types the decoder steps cycle through, comma-separated (e.g. add detail)",
+    "init": "checkpoint folder to fine-tune (its config and tokenizer are kept); empty: from scratch",
 }
 
 
