@@ -74,6 +74,7 @@ class Result:
     request_total_ms: float
     new_tokens: int
     decode_ms_per_token: float  # median over the decode steps of a full-plan request through `serve`
+    decode_compiled: bool  # the decode ran the compiled block step (the plugin's compile=auto)
     decode_weight_bytes: int  # weights one decode token reads under the full plan
     floor_ms: float  # fastest of `--floor-repeats` reads of decode_weight_bytes of the loaded weights
     floor_gbps: float
@@ -275,6 +276,7 @@ def _measure(settings: Settings) -> dict:
         "answer": record.answer,
         "request_total_ms": record.total_ms,
         "decode_ms_per_token": statistics.median(decode),
+        "decode_compiled": rt.compiled,  # compile=auto: on for the full-size model when a compiler is present
         "decode_weight_bytes": weight_bytes,
         "floor_ms": min(floors),
     }
@@ -375,7 +377,7 @@ def print_result(r: Result) -> None:
           f"the weights (target <= {RSS_TARGET}), {r.x_weights_loading:.3f}x above the {r.baseline_rss_bytes / gb:.2f} GB "
           f"before loading; {r.peak_rss_bytes / gb:.2f} GB after the request")  # fmt: skip
     print(f"one {r.task} request through lmms-eval: {r.request_total_ms:.0f} ms, answer {r.answer[:40]!r}")
-    print(f"decode, full plan, {r.threads} threads: {r.decode_ms_per_token:.1f} ms/token; floor {r.floor_ms:.1f} ms "
+    print(f"decode, full plan, {r.threads} threads, compiled={r.decode_compiled}: {r.decode_ms_per_token:.1f} ms/token; floor {r.floor_ms:.1f} ms "
           f"({r.decode_weight_bytes / gb:.3f} GB at {r.floor_gbps:.1f} GB/s): {r.x_floor:.1f}x")  # fmt: skip
     print(f"temporary checkpoint removed: {r.cleaned}")
 
