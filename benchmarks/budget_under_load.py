@@ -13,16 +13,16 @@ guard applied. Run it with OMP_NUM_THREADS=1 on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import statistics
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from knob_latency import write_rows_json
 from tqdm import tqdm
 
 from lmms_adaptive import controllers
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(f"| {r.phase} | {'on' if r.guard else 'off'} | {r.requests} | {r.violation_rate:.1%} | "
               f"{r.latency_mean_ms:.1f} | {r.latency_p95_ms:.1f} | {r.score:.3f} | {slowdown} |")  # fmt: skip
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        write_rows_json(args.json, rows)
     return rows
 
 

@@ -17,14 +17,13 @@ the total.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from knob_latency import QUESTION, build_runtime, parse_size, synthetic_image
+from knob_latency import QUESTION, build_runtime, parse_size, synthetic_image, write_rows_json
 from tqdm import tqdm
 
 from lmms_adaptive.controllers.grpo import GRPOController, PolicyDims, TwoStagePolicy
@@ -143,8 +142,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(f"| {r.image} | {r.facts_ms:.3f} | {r.stage1_ms:.3f} | {r.stage2_ms:.3f} | {r.controller_ms:.3f} | "
               f"{r.extra_ms:.2f} | {r.total_ms:.1f} | {r.static_total_ms:.1f} | {r.overhead_pct:.2f} |")  # fmt: skip
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        write_rows_json(args.json, rows)
     return rows
 
 

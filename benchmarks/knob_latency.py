@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,6 +189,12 @@ def add_floor(row: Row, peak_gbps: float) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------------
+
+
+def write_rows_json(path: Path, rows: Sequence[Any]) -> None:
+    """A benchmark's result rows (dataclasses) as a JSON list, its folder created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
 
 
 def synthetic_image(spec: str, seed: int) -> np.ndarray:
@@ -470,8 +477,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if on_cuda:
         print_floor_summary(rows, args.peak_gbps, rt.model.config.n_layers)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        write_rows_json(args.json, rows)
         log.info("wrote %d rows to %s", len(rows), args.json)
     log.info("wall time %.1fs", time.perf_counter() - wall)
     return rows

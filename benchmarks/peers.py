@@ -25,12 +25,12 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from knob_latency import QUESTION, build_runtime, int_list, model_config, synthetic_image
+from knob_latency import QUESTION, build_runtime, int_list, model_config, synthetic_image, write_rows_json
 from tqdm import tqdm
 
 from lmms_adaptive.controllers.static import StaticController
@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = summarise(runs, meta)
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        write_rows_json(args.json, rows)
     return rows
 
 

@@ -25,13 +25,13 @@ validation ones; chance is 0.1 for both.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from knob_latency import write_rows_json
 from tqdm import tqdm
 
 from lmms_adaptive.core.checkpoint import default_checkpoint, load_model
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = [diagnose(runtime, folder, tier, args.samples, args.train_samples, args.seed) for tier in tiers]
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        write_rows_json(args.json, rows)
         log.info("wrote %s", args.json)
     return rows
 
