@@ -33,6 +33,4 @@ def write_profile(folder: Path, rows: list[RequestRecord], knobs: KnobSpace) -> 
     store = ProfileStore(folder, rows[0].model_fingerprint, knobs)
     for row in rows:
         store.append(row)
-    path = store.compact()
-    store.close()
-    return path
+    return store.compact()

@@ -119,7 +119,7 @@ class ProfileStore:
     journal), compacting all journals to Parquet."""
 
     def __init__(self, folder: Path, model_fingerprint: str, knobs: KnobSpace, journal: str = JOURNAL_FILE) -> None:
-        self.folder, self.journal = folder, journal
+        self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"model_fingerprint": model_fingerprint, "knob_space": knob_space_json(knobs)}
         if (folder / META_FILE).is_file():
@@ -144,7 +144,7 @@ class ProfileStore:
 
     def compact(self) -> Path:
         """Merge every journal into rows.parquet (atomic replace), then remove them (no other rank may be
-        writing one)."""
+        writing one). The store is closed afterwards: compacting ends a sweep."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -156,7 +156,6 @@ class ProfileStore:
         os.replace(tmp, target)
         for path in journals(self.folder):
             path.unlink()
-        self._journal = RecordWriter(self.folder / self.journal)
         return target
 
     def close(self) -> None:
@@ -259,12 +258,10 @@ def _sweep(
         store.close()
         if ranks.world == 1:  # an interrupted sweep too: its rows go to Parquet
             store.compact()
-            store.close()
     if ranks.world > 1:  # the other ranks may still be writing: compact once all are done
         ranks.barrier()
         if ranks.main:
             store.compact()
-            store.close()
     return out / ROWS_FILE
 
 

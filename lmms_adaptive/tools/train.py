@@ -352,7 +352,7 @@ def _train(run: RunFolder, cfg: TrainConfig, ranks: Ranks, dtype: str | None) ->
         stats = trainer.advance()
         bar.update(1)
         bar.set_postfix(reward=f"{stats.reward_mean:.2f}", violations=f"{stats.violation_rate:.2f}", refresh=False)
-        if board is None:
+        if not ranks.main:  # rank 0 alone writes the run folder
             continue
         row = metrics_row(trainer.step - 1, stats, lr, time.perf_counter() - began)
         write_rows(run.metrics, [row], METRIC_COLUMNS)
@@ -360,7 +360,7 @@ def _train(run: RunFolder, cfg: TrainConfig, ranks: Ranks, dtype: str | None) ->
         if trainer.step % cfg.save_every == 0 or trainer.done:
             save_atomic(trainer.state_dict(), run.state)
     bar.close()
-    if board is not None:
+    if ranks.main:
         board.close()
         write_artifact(run, policy, rt, cfg, len(samples))
     if cfg.eval_tasks:
