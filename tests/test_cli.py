@@ -91,7 +91,7 @@ def test_defaults_come_from_the_flags_themselves() -> None:
     from lmms_adaptive.tools.train import TrainConfig, parser
 
     train_help = flat(parser().format_help())
-    assert flat(f"(default: {TrainConfig().steps})") in train_help and flat("(default: 80.0,320.0)") in train_help
+    assert flat(f"(default: {TrainConfig().steps})") in train_help and flat("(default: 70.0,300.0)") in train_help
     assert flat(f"decoder-stage steps (default: {PretrainConfig().steps})") in flat(build_parser().format_help())
 
 

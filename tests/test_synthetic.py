@@ -398,12 +398,31 @@ def test_make_synthetic_regenerates_committed_files(tmp_path, lmms_env):
     spec = importlib.util.spec_from_file_location("make_synthetic", TASKS_DIR / "make_synthetic.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.main(str(tmp_path))
+    module.main(str(tmp_path), tuple(TASKS))
     for name in TASKS:
         committed, fresh = TASKS_DIR / f"{name}.parquet", tmp_path / f"{name}.parquet"
         assert pq.read_table(fresh).equals(pq.read_table(committed)), (
             f"{name} is stale: run python tasks/make_synthetic.py"
         )
+
+
+def test_training_tasks_are_more_of_the_validation_split_at_seed_1(lmms_env):
+    """The controllers' training split (2,400 rows: too many to regenerate in a test): its size, and a spread of
+    its rows against the generator."""
+    import datasets
+
+    spec = importlib.util.spec_from_file_location("make_synthetic", TASKS_DIR / "make_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for stem, id_column in (("synth_vqa_train", "image_id"), ("synth_pope_train", "image_source")):
+        split, seed, _, qtypes, n, _ = module.FILES[stem]
+        rows = datasets.Dataset.from_parquet(str(TASKS_DIR / f"{stem}.parquet"))
+        assert (split, seed, len(rows)) == ("validation", 1, n) and n >= 400
+        assert collections.Counter(rows["qtype"]) == {q: n // len(qtypes) for q in qtypes}
+        for i in (0, 1, n // 3, n // 2 + 1, n - 1):
+            sample = syn.make_sample(split, seed, qtypes[i % len(qtypes)], i // len(qtypes))
+            assert (rows[i][id_column], rows[i]["question"]) == (sample.sample_id, sample.question)
+            assert rows[i]["image"].convert("RGB").tobytes() == sample.image.tobytes()
 
 
 # --------------------------------------------------------------------------- detail
