@@ -413,6 +413,29 @@ def test_oracle_summary_matches_hand_computation() -> None:
     assert (b100.score, b100.latency_mean_ms, b100.latency_p95_ms, b100.violation_rate) == (1.0, 30.0, 30.0, 0.0)
 
 
+def test_best_fixed_plan_is_the_best_scoring_plan_within_two_percent_violations() -> None:
+    """50 docs per plan: MID scores best but 2 of 50 (4 %) run over 150 ms, 1 of 50 (2 %) over 200 ms."""
+    fast = [(0.5, 40.0)] * 50
+    mid = [(0.8, 100.0)] * 48 + [(0.8, 180.0), (0.8, 250.0)]
+    slow = [(0.9, 400.0)] * 50
+    rows = sweep({LOW: fast, MID: mid, HIGH: slow})
+
+    def pick(budget: float | None) -> tuple[Plan, float]:
+        chosen = lookup.best_fixed_plan(rows, budget)
+        assert [c.row.doc_id for c in chosen] == list(range(50)) and len({c.row.plan for c in chosen}) == 1
+        return chosen[0].row.plan, sum(c.violated for c in chosen) / len(chosen)
+
+    assert pick(150.0) == (LOW, 0.0)  # MID's 4 % is over the limit
+    assert pick(200.0) == (MID, 0.02)  # exactly the limit: allowed
+    assert pick(500.0) == (HIGH, 0.0)
+    assert pick(None) == (HIGH, 0.0)
+    assert pick(30.0) == (LOW, 1.0)  # nothing fits: the plan with the fewest violations
+    tie = sweep({MID: [(1.0, 50.0)], LOW: [(1.0, 20.0)]})
+    assert lookup.best_fixed_plan(tie, 100.0)[0].row.plan == LOW  # equal scores: the faster plan
+    names = {s.name for s in lookup.oracle_summary(rows, [200.0])}
+    assert names == {"oracle", "oracle per question type", "best fixed plan"}
+
+
 def test_the_type_oracle_takes_one_table_per_question_type() -> None:
     color = [
         replace(r, question_type="color")
@@ -432,7 +455,7 @@ def test_the_type_oracle_takes_one_table_per_question_type() -> None:
     assert picks(100.0) == [(0, LOW, False), (1, LOW, False), (2, LOW, False), (3, LOW, False)]
     assert picks(225.0) == [(0, LOW, False), (1, LOW, False), (2, HIGH, False), (3, HIGH, True)]  # 230 > 225
     by_name = {s.name: s for s in lookup.oracle_summary(rows, [300.0])}
-    assert set(by_name) == {"oracle", "oracle per question type"}
+    assert set(by_name) == {"oracle", "oracle per question type", "best fixed plan"}
     assert by_name["oracle per question type"].score == pytest.approx(0.75)
     assert by_name["oracle"].score == pytest.approx(0.75)  # the per-sample bound: doc 3 scores 0 either way
 

@@ -14,9 +14,12 @@ import pytest
 from lmms_adaptive.core.plan import Plan
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord
 from lmms_adaptive.tools.report import (
+    PlanPoint,
     compare,
     default_budgets,
     discover_runs,
+    frontier,
+    frontier_score,
     load_run,
     main,
     parse_controllers,
@@ -199,7 +202,7 @@ def test_write_report_files(runs_parent: Path, tmp_path: Path):
         assert (out / f"report_{task}.png").stat().st_size > 0
         md = (out / f"report_{task}.md").read_text()
         assert md.count("\n| ") == 5  # header + 4 rows (the separator starts with "|-")
-    assert "| static[crops12_k8_b8_p1] | 50 | 0.55 | 60.0 | 73.5 | 75.0 | 12.00 | 8.00 | 8.00 | 4 |" in combined
+    assert "| static[crops12_k8_b8_p1] | 50 | 0.55 | 60.0 | 73.5 | 75.0 | — | 12.00 | 8.00 | 8.00 | 4 |" in combined
     with (out / "report_synth_pope_test.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
@@ -236,6 +239,21 @@ def test_plan_points_and_default_budgets():
     assert 10.0 <= budgets[0] < budgets[-1] <= 60.0
 
 
+def test_frontier_is_the_upper_hull_that_mixing_plans_reaches():
+    def point(name: str, ms: float, score: float) -> PlanPoint:
+        return PlanPoint(name, score, ms, 10)
+
+    a, b, c, d = point("a", 50, 0.5), point("b", 100, 0.8), point("c", 200, 0.9), point("d", 400, 0.95)
+    under = [point("u", 150, 0.8), point("slow", 500, 0.9), point("mixed", 150, 0.6), point("a2", 50, 0.4)]
+    assert frontier([*under, d, c, b, a]) == [a, b, c, d]
+    # at 0.6, b is under the segment a-c (0.633 at 100 ms): mixing a and c beats it
+    assert frontier([a, point("b", 100, 0.6), c]) == [a, c]
+    hull = frontier([a, b, c, d])
+    assert frontier_score(hull, 75) == pytest.approx(0.65)
+    assert frontier_score(hull, 300) == pytest.approx(0.925)
+    assert (frontier_score(hull, 10), frontier_score(hull, 900)) == (0.5, 0.95)
+
+
 def test_report_cli_with_profile_and_oracle(runs_parent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Profile plan points on the plot and oracle rows at the runs' budgets (50 and 200 ms)."""
     profile = [*PROFILE, profile_row("other_task", 0, FULL, 1.0, 5.0)]  # profiled, never evaluated: no table
@@ -264,10 +282,15 @@ def test_report_cli_with_profile_and_oracle(runs_parent: Path, tmp_path: Path, m
         pytest.approx([200.0, 1.0, 55.0, 59.5, 0.0, 12.0, 8.0, 8.0, 2]),
     ]
     md = (out / "report_synth_vqa_test.md").read_text()
-    assert "| oracle (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | 12.00 | 8.00 | 8.00 | 2 |\n" in md
+    # the frontier runs from LOW (0.25 at 10.5 ms) to FULL (1 at 55 ms): 0.25 + 0.75 * (30.5 - 10.5) / 44.5
+    assert float(oracle[0]["above_frontier"]) == pytest.approx(0.75 - (0.25 + 0.75 * 20 / 44.5))
+    assert "| oracle (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | +0.000 | 12.00 | 8.00 | 8.00 | 2 |\n" in md
     assert md.endswith(
-        "| oracle per question type (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | 12.00 | 8.00 | 8.00 | 2 |\n"
+        "| oracle per question type (profile) | 200 | 1 | 55.0 | 59.5 | 0.0 | +0.000 | 12.00 | 8.00 | 8.00 | 2 |\n"
     )
+    # at 50 ms no plan stays within 2 % of violations (FULL's doc 1 takes 60 ms): LOW, which never runs over
+    best = [(float(r["budget_ms"]), float(r["score"])) for r in rows if r["controller"] == "best fixed plan"]
+    assert best == [(50.0, 0.25), (200.0, 1.0)]
     assert (out / "report_synth_vqa_test.png").stat().st_size > 0
 
 

@@ -170,7 +170,36 @@ def type_oracle(
     return [OracleChoice(r, over(r)) for r in sorted(chosen, key=lambda r: r.sample)]
 
 
-ORACLES = {"oracle": oracle, "oracle per question type": type_oracle}
+MAX_FIXED_VIOLATION = 0.02  # the share of requests over budget a user fixing one plan accepts
+
+
+def best_fixed_plan(
+    rows: Sequence[RequestRecord], budget_ms: float | None, max_violation: float = MAX_FIXED_VIOLATION
+) -> list[OracleChoice]:
+    """Per task: the one plan it is best to fix in advance for the budget, judged on these very samples. Among the
+    plans whose share of measured total_ms over the budget is at most `max_violation`, the best-scoring (ties:
+    lower mean latency, then plan order); when none is, the plan with the fewest violations (ties: the faster).
+    Plans are compared on the samples all of them measured (`comparison_set`). Its rows, in (task, doc_id) order."""
+    chosen = []
+    for task in sorted({r.task for r in rows}):
+        by_plan: dict[Plan, dict[Sample, RequestRecord]] = defaultdict(dict)
+        for row in rows:
+            if row.task == task:
+                by_plan[row.plan][row.sample] = row
+        kept, samples = comparison_set({p: set(s) for p, s in by_plan.items()})
+        options = []
+        for plan in kept:
+            plan_rows = [by_plan[plan][s] for s in sorted(samples)]
+            rate = 0.0 if budget_ms is None else float(np.mean([r.total_ms > budget_ms for r in plan_rows]))
+            score, latency = np.mean([r.score for r in plan_rows]), np.mean([r.total_ms for r in plan_rows])
+            excess = rate if rate > max_violation else 0.0  # every plan within the limit ranks on score alone
+            options.append((excess, 0.0 if excess else -score, latency, plan_order(plan), plan_rows))
+        chosen += min(options, key=lambda o: o[:4])[4]
+    over = (lambda r: False) if budget_ms is None else (lambda r: r.total_ms > budget_ms)
+    return [OracleChoice(r, over(r)) for r in chosen]
+
+
+ORACLES = {"oracle": oracle, "oracle per question type": type_oracle, "best fixed plan": best_fixed_plan}
 
 
 @dataclass(frozen=True)

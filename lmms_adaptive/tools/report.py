@@ -10,8 +10,11 @@ request). A RUN_DIR may be a run folder or any folder above run folders.
 
 The task metric comes from lmms-eval's results; every other column is computed from the records.
 With `--profile`, each plan of a profiling sweep becomes a grey point on the plots (mean per-sample
-score against mean latency) and the oracle (best measured plan per request under each budget) adds
-rows to the tables.
+score against mean latency), with the fixed plans' frontier (`frontier`: what mixing two plans reaches) as
+a dotted line; every row gets its score's distance above that frontier at its mean latency ("vs frontier"),
+and rows from the profile join the tables at the runs' budgets: the per-request oracle (best measured plan
+per request), the per-question-type oracle, and the best fixed plan with at most 2 % of requests over budget
+(`lookup.ORACLES`).
 
 `compare` runs lmms-eval once per (controller, budget) into `OUT/runs/<name>@<budget>` and then
 writes the report into OUT. A static controller ignores the budget, yet it is run at every budget
@@ -32,7 +35,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +156,7 @@ class TableRow:
     mean_blocks: float
     n_requests: int
     source: str = "run"  # "run" (an lmms-eval run) or "oracle" (from profile rows)
+    above_frontier: float | None = None  # score minus the fixed plans' frontier at this mean latency
 
 
 def run_row(run: RunResult, task: str) -> TableRow | None:
@@ -196,7 +200,7 @@ def task_tables(runs: Sequence[RunResult], extra: Sequence[tuple[str, TableRow]]
 
 CSV_FIELDS = (
     "controller", "budget_ms", "metric", "score", "latency_mean_ms", "latency_p95_ms", "violation_rate_pct",
-    "mean_max_crops", "mean_top_k", "mean_blocks", "n_requests", "source",
+    "above_frontier", "mean_max_crops", "mean_top_k", "mean_blocks", "n_requests", "source",
 )  # fmt: skip
 
 
@@ -213,13 +217,13 @@ def table_metric(rows: Sequence[TableRow]) -> str:
 
 def markdown_table(rows: Sequence[TableRow]) -> str:
     header = ["controller", "budget (ms)", table_metric(rows), "mean latency (ms)", "p95 latency (ms)",
-              "violations (%)", "mean max_crops", "mean top_k", "mean blocks", "n requests"]  # fmt: skip
+              "violations (%)", "vs frontier", "mean max_crops", "mean top_k", "mean blocks", "n requests"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         name = f"{r.controller} (profile)" if r.source == ORACLE else r.controller
         cells = [
             name, _num(r.budget_ms, "g"), _num(r.score, ".4g"), _num(r.latency_mean_ms, ".1f"), _num(r.latency_p95_ms, ".1f"),
-            _num(None if r.violation_rate is None else 100.0 * r.violation_rate, ".1f"),
+            _num(None if r.violation_rate is None else 100.0 * r.violation_rate, ".1f"), _num(r.above_frontier, "+.3f"),
             _num(r.mean_max_crops, ".2f"), _num(r.mean_top_k, ".2f"), _num(r.mean_blocks, ".2f"), str(r.n_requests),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -254,6 +258,46 @@ def plan_points(rows: Sequence[RequestRecord], task: str) -> list[PlanPoint]:
             key, float(np.mean([r.score for r in group])), float(np.mean([r.total_ms for r in group])), len(group)
         )
         for key, group in sorted(by_plan.items())
+    ]
+
+
+def frontier(points: Sequence[PlanPoint]) -> list[PlanPoint]:
+    """The fixed plans' score-vs-mean-latency frontier, by increasing latency: the upper concave hull from the
+    fastest plan (the best-scoring of equally fast ones) to the best-scoring plan. Serving a share of the
+    requests with one plan and the rest with another reaches every point of the segment between them."""
+    hull: list[PlanPoint] = []
+    for p in sorted(points, key=lambda p: (p.latency_mean_ms, -p.score)):
+        if hull and p.score <= hull[-1].score:
+            continue  # slower and no better: under the frontier
+        while len(hull) >= 2 and _not_below(hull[-2], hull[-1], p):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def _not_below(a: PlanPoint, b: PlanPoint, c: PlanPoint) -> bool:
+    """Whether b lies on or under the segment a-c (a, b, c by increasing latency)."""
+    return (b.latency_mean_ms - a.latency_mean_ms) * (c.score - a.score) >= (b.score - a.score) * (
+        c.latency_mean_ms - a.latency_mean_ms
+    )
+
+
+def frontier_score(hull: Sequence[PlanPoint], latency_ms: float) -> float:
+    """The frontier's score at a mean latency: linear between hull points; the fastest plan's score below
+    it (no fixed plan is faster), the best score above the slowest hull point."""
+    return float(np.interp(latency_ms, [p.latency_mean_ms for p in hull], [p.score for p in hull]))
+
+
+def with_frontier_gaps(rows: Sequence[TableRow], points: Sequence[PlanPoint]) -> list[TableRow]:
+    """Rows with `above_frontier` set, where the row's score is on the plan points' 0-1 scale."""
+    if not points:
+        return list(rows)
+    hull = frontier(points)
+    return [
+        replace(r, above_frontier=r.score - frontier_score(hull, r.latency_mean_ms))
+        if r.score is not None and 0.0 <= r.score <= 1.0
+        else r
+        for r in rows
     ]
 
 
@@ -312,6 +356,9 @@ def plot_task(task: str, rows: Sequence[TableRow], points: Sequence[PlanPoint], 
         plan_ax = ax if same_scale else ax.twinx()
         plan_ax.scatter([p.latency_mean_ms for p in points], [p.score for p in points], color="0.7", s=14,
                         label="static plans (profile)", zorder=1)  # fmt: skip
+        hull = frontier(points)
+        plan_ax.plot([p.latency_mean_ms for p in hull], [p.score for p in hull], ":", color="0.5",
+                     label="fixed-plan frontier", zorder=1)  # fmt: skip
         if not same_scale:
             plan_ax.set_ylabel("mean per-sample score (profile)")
     curves: dict[str, list[TableRow]] = defaultdict(list)
@@ -366,13 +413,15 @@ def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[R
         f"Runs: {len(runs)}. Metric from lmms-eval results; the other columns from the request records.\n",
     ]
     for task, rows in tables.items():
+        points = plan_points(profile, task)
+        rows = with_frontier_gaps(rows, points)
         table = markdown_table(rows)
         (out / f"report_{task}.md").write_text(f"# {task}\n\n{table}")
         with (out / f"report_{task}.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(csv_record(r) for r in rows)
-        plot = plot_task(task, rows, plan_points(profile, task), out / f"report_{task}.png")
+        plot = plot_task(task, rows, points, out / f"report_{task}.png")
         sections.append(f"## {task}\n\n{table}\n![{task}]({plot.name})\n")
     path = out / "report.md"
     path.write_text("\n".join(sections))
