@@ -15,6 +15,8 @@ from lmms_adaptive.core.plan import Plan
 from lmms_adaptive.serving.records import RecordWriter, RequestRecord
 from lmms_adaptive.tools.report import (
     PlanPoint,
+    RunResult,
+    TaskRun,
     compare,
     default_budgets,
     discover_runs,
@@ -26,6 +28,8 @@ from lmms_adaptive.tools.report import (
     plan_points,
     primary_metric,
     task_tables,
+    tier_shares,
+    tier_table,
     write_report,
 )
 
@@ -215,6 +219,28 @@ def test_write_report_files(runs_parent: Path, tmp_path: Path):
     assert float(lookup_50["latency_mean_ms"]) == pytest.approx(24.5)
     assert float(lookup_50["violation_rate_pct"]) == pytest.approx(25.0)
     assert float(lookup_50["mean_max_crops"]) == pytest.approx((3 + 6 + 12 + 12) / 4)
+
+
+def test_tiers_chosen_per_question_type():
+    plans_types = [(LOW, "color"), (LOW, "color"), (MID, "color"), (FULL, "read"), (FULL, "read"), (LOW, None)]
+    records = [
+        fake_records.make_record(doc_id=i, plan=Plan(**plan), question_type=qtype)
+        for i, (plan, qtype) in enumerate(plans_types)
+    ]
+    assert tier_shares(records) == {
+        "color": {3: pytest.approx(2 / 3), 6: pytest.approx(1 / 3), 12: 0.0},
+        "read": {3: 0.0, 6: 0.0, 12: 1.0},
+    }
+    run = RunResult(
+        Path("r"), "grpo", 100.0, {"synth_vqa_test": TaskRun("synth_vqa_test", "exact_match", 0.5, records)}
+    )
+    assert tier_table([run], "synth_vqa_test").splitlines() == [
+        "| controller | budget (ms) | color (3/6/12 crops, %) | read (3/6/12 crops, %) |",
+        "|---|---|---|---|",
+        "| grpo | 100 | 67/33/0 | 0/0/100 |",
+    ]
+    untyped = RunResult(Path("r"), "grpo", 100.0, {"t": TaskRun("t", None, None, records[-1:])})
+    assert tier_table([untyped], "t") == ""
 
 
 def profile_row(task: str, doc_id: int, plan: dict, score: float, total_ms: float) -> RequestRecord:

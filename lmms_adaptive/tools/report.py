@@ -230,6 +230,33 @@ def markdown_table(rows: Sequence[TableRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tier_shares(records: Sequence[RequestRecord]) -> dict[str, dict[int, float]]:
+    """Per question type (sorted; requests without one left out): the share of its requests served at each
+    vision tier (max_crops), over the tiers any of `records` used."""
+    tiers = sorted({r.plan.max_crops for r in records})
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        if r.question_type is not None:
+            by_type[r.question_type].append(r.plan.max_crops)
+    return {q: {t: chosen.count(t) / len(chosen) for t in tiers} for q, chosen in sorted(by_type.items())}
+
+
+def tier_table(runs: Sequence[RunResult], task: str) -> str:
+    """Markdown: per run (sorted by controller, budget) the tiers chosen per question type of `task`, as
+    percentages of that type's requests; "" when the task's records carry no question types."""
+    cells = {(r.controller, r.budget_ms): tier_shares(r.tasks[task].records) for r in runs if task in r.tasks}
+    types = sorted({q for shares in cells.values() for q in shares})
+    if not types:
+        return ""
+    tiers = sorted({t for shares in cells.values() for q in shares.values() for t in q})
+    head = ["controller", "budget (ms)", *(f"{q} ({'/'.join(map(str, tiers))} crops, %)" for q in types)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (name, budget), shares in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0)):
+        row = ["/".join(f"{100 * shares[q].get(t, 0.0):.0f}" for t in tiers) if q in shares else "—" for q in types]
+        lines.append("| " + " | ".join([name, _num(budget, "g"), *row]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -416,6 +443,9 @@ def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[R
         points = plan_points(profile, task)
         rows = with_frontier_gaps(rows, points)
         table = markdown_table(rows)
+        tiers = tier_table(runs, task)
+        if tiers:
+            table += f"\nVision tier chosen per question type:\n\n{tiers}"
         (out / f"report_{task}.md").write_text(f"# {task}\n\n{table}")
         with (out / f"report_{task}.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
