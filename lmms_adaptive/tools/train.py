@@ -87,11 +87,11 @@ class TrainConfig:
     group_size: int = 8
     requests_per_step: int = 8
     budget_range_ms: tuple[float, ...] = (70.0, 300.0)  # the tiny default on a CPU: cheapest plan p50 to full p95
-    lr: float = 2e-3
+    lr: float = 1e-3
     stage1_lr_scale: float = 0.1
     clip_eps: float = 0.2
     kl_coef: float = 0.0
-    entropy_coef: float = 0.01
+    entropy_coef: float = 0.03
     epochs: int = 2
     penalty: float = 1.0
     penalty_per_overshoot: float = 1.0
