@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lmms_adaptive.integration.tasks import TaskSample, load_samples
+from lmms_adaptive.integration.tasks import DecodedDocs, TaskSample, load_samples
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "tasks"
@@ -232,6 +232,22 @@ def test_samples_are_the_tasks_own_requests(synth_samples: list[TaskSample]) -> 
     assert pope.score(truth) == 1.0 and pope.score("no" if truth == "yes" else "yes") == 0.0
     vqa = synth_samples[2]
     assert vqa.score(vqa.doc["answers"][0]) == 1.0 and vqa.score("zzz") == 0.0
+
+
+def test_docs_are_decoded_when_used_and_only_the_recent_ones_kept() -> None:
+    decoded = []
+
+    class Rows:
+        def __getitem__(self, i: int) -> dict:
+            decoded.append(i)
+            return {"image": f"img{i}"}
+
+    docs = DecodedDocs(Rows(), lambda doc: [doc["image"], None], keep=2)
+    assert docs[0] == ({"image": "img0"}, ["img0"]) and docs[0][1] == ["img0"]  # None visuals dropped
+    docs[1], docs[0], docs[2]  # 2 pushes out 1, the least recently used
+    assert decoded == [0, 1, 2] and list(docs._recent) == [0, 2]
+    docs[1]
+    assert decoded == [0, 1, 2, 1] and list(docs._recent) == [2, 1]
 
 
 def test_limit_draws_a_seeded_subset(lmms_env) -> None:

@@ -5,25 +5,54 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmms_adaptive.serving.request import DEFAULT_MAX_NEW_TOKENS, Request, generation_config, task_style
 
 
+class DecodedDocs:
+    """A task's eval docs, decoded when used: a row and its images (the task's `doc_to_visual`) are decoded on
+    first use and the `keep` most recently used stay, so a split of thousands of images is never held decoded,
+    while a sample served under several plans in a row is decoded once."""
+
+    def __init__(self, docs: Any, doc_to_visual: Callable[[Any], Any], keep: int = 16) -> None:
+        self.docs, self.doc_to_visual, self.keep = docs, doc_to_visual, keep
+        self._recent: OrderedDict[int, tuple[Any, list[Any]]] = OrderedDict()
+
+    def __getitem__(self, doc_id: int) -> tuple[Any, list[Any]]:
+        """(doc, images) of a doc id."""
+        if doc_id not in self._recent:
+            doc = self.docs[doc_id]
+            self._recent[doc_id] = (doc, [im for im in (self.doc_to_visual(doc) or []) if im is not None])
+            if len(self._recent) > self.keep:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(doc_id)
+        return self._recent[doc_id]
+
+
 @dataclass
 class TaskSample:
-    """One generate_until request of an lmms-eval task, as the evaluator would send it."""
+    """One generate_until request of an lmms-eval task, as the evaluator would send it; its doc and images
+    are decoded from the task's docs when used."""
 
     task: str
     doc_id: int
     split: str
     context: str
     gen_kwargs: dict[str, Any]
-    images: list[Any]
-    doc: Any
     task_obj: Any
+    docs: DecodedDocs = field(repr=False)
+
+    @property
+    def doc(self) -> Any:
+        return self.docs[self.doc_id][0]
+
+    @property
+    def images(self) -> list[Any]:
+        return self.docs[self.doc_id][1]
 
     def score(self, answer: str) -> float:
         return primary_score(self.task_obj, self.doc, answer)
@@ -85,12 +114,10 @@ def load_samples(tasks: Sequence[str], include_path: Sequence[str], limit: int |
         instances = sorted(task.instances, key=lambda inst: inst.args[3])
         if limit is not None and limit < len(instances):
             instances = sorted(random.Random(f"{seed}/{name}").sample(instances, limit), key=lambda inst: inst.args[3])
-        docs = task.eval_docs
+        docs = DecodedDocs(task.eval_docs, instances[0].args[2]) if instances else None  # the task's doc_to_visual
         for inst in instances:
-            context, gen_kwargs, doc_to_visual, doc_id, task_name, split = inst.args
-            doc = docs[doc_id]
-            images = [im for im in (doc_to_visual(doc) or []) if im is not None]
-            samples.append(TaskSample(task_name, int(doc_id), split, context, dict(gen_kwargs), images, doc, task))
+            context, gen_kwargs, _, doc_id, task_name, split = inst.args
+            samples.append(TaskSample(task_name, int(doc_id), split, context, dict(gen_kwargs), task, docs))
     return samples
 
 
