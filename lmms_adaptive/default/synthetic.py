@@ -44,15 +44,14 @@ CPU budget: docs/embedded-default.md.)
 
 Legibility of ``detail`` (the knob dependence, by the same arithmetic at the ViT's patch). The ViT embeds
 each 28 px patch of a crop (:data:`PATCH_PX`) on its own before 2 x 2 patches are pooled into a token, so
-what a tier can show is decided per patch: a square of p patches a side (1 <= p < 2) covers at least
-(p/2)^2 of the patch it covers most whatever its alignment (>= 1/2 from p >= sqrt(2)), and at most p^2
-of any patch when p < 1. The mark is :data:`MARK_TOKENS` tokens (1.52 patches) a side at 12 crops
-(``mark_side``): most of some patch there. On the ``detail`` canvases (:data:`READ_SIZES`) 3 crops
-resize 0.43-0.45x as much as 12, so it is at most 0.68 patches a side there, a minority of every patch it
-touches (at most 0.46), the rest of which is the large shape (:data:`MARK_MARGIN_TOKENS`); 6 crops is in
-between (1.1 patches). A mark of 1.5 tokens (3 patches) at 12 crops, sized by the same argument per
-token instead, was still 1.3 patches at 3 crops and read there as well as at 12 after fine-tuning
-(docs/detail-family.md).
+what a tier can show is decided per patch. The mark is :data:`MARK_PATCHES` patch a side at 12 crops
+(``mark_side``), its edges on that tier's patch grid (:func:`crop_grid`; every crop's patches lie on one
+grid of the resized image), so it fills one patch there (0.97-1.00 of it through the processor). On the
+``detail`` canvases (:data:`READ_SIZES`) 3 crops resize 0.43-0.45x as much as 12, so it is under half a
+patch a side there, at most 0.2 of any patch whatever its alignment (the rest the large shape,
+:data:`MARK_MARGIN_TOKENS`), and about a third of a patch in the global view; 6 crops is in between
+(0.6 patches). Marks of 1.5 tokens (3 patches) and then 1.52 patches at 12 crops, at any alignment, were
+read after fine-tuning nearly as well at 3 crops as at 12 (docs/detail-family.md).
 
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
