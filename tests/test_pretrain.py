@@ -415,3 +415,34 @@ def test_a_detail_image_routes_its_colour_answer_to_the_mark_tokens(tiny_dir: Pa
         assert tokens.any() and (item.glyphs.change[0][tokens] > 0).all()
         kept = item.request.image_input_idx >= 0  # tokens in a crop's overlap margin have no position
         assert item.glyphs.change[0][kept & ~tokens].max() < 0.05 * item.glyphs.change[0].max()
+
+
+def test_the_mark_read_out_learns_a_detail_answer_at_the_answer_position(tiny_dir: Path) -> None:
+    """On detail questions only, QuestionHead's second read-out names the mark's colour where the answer is
+    predicted, after the first two scheduled blocks; a batch without detail questions has no such loss."""
+    processor = MolmoeProcessor.from_pretrained(tiny_dir)
+    pad, eos = processor.tokenizer.token_to_id("<|padding|>"), processor.special.eos
+    (sample,) = synthetic.generate("train", 1, 0, ("detail",))
+    qas = pretrain.sample_questions(sample, random.Random(0), 6)
+    batch = pretrain.collate([pretrain.image_questions(processor, sample, qas, 12, eos)], pad)
+    mark_color = 1 + list(synthetic.COLORS).index(sample.answer)
+    assert batch.asked.tolist() == [mark_color if qtype == "detail" else 0 for _, _, qtype in qas]
+    torch.manual_seed(0)
+    model = load_model(tiny_dir).requires_grad_(True)
+    head = pretrain.QuestionHead(model.config.d_model)
+    schedule = pretrain.sample_step_plan(KnobSpace.from_config(model.config), 0, 0, 1.0).schedule
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = pretrain.batch_losses(model, batch, schedule, head)["mark"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    grads = {
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0 and ".blocks." in n
+    }
+    assert {n.split(".")[3] for n in grads} == {"0", "1"}  # read after the first two scheduled blocks only
+    _, _, plain = _image_questions(tiny_dir, 3)
+    assert "mark" not in pretrain.batch_losses(model, pretrain.collate([plain], pad), schedule, head)

@@ -456,13 +456,19 @@ def test_detail_mark_is_drawn_in_the_answer_colour_inside_the_large_shape(detail
     assert len({s.scene.size for s in details}) >= 4 and len({s.answer for s in details}) >= 4
 
 
-def test_detail_mark_size_in_patches_at_3_and_12_crops():
-    """By the arithmetic of the module docstring: at 12 crops the mark is >= sqrt(2) patches a side (most of
-    some patch, whatever its alignment); at 3 crops < 1/sqrt(2) (a minority of every patch)."""
+def test_detail_mark_fills_one_patch_on_the_12_crop_grid(details):
+    """The mark is MARK_PATCHES patches a side at 12 crops, its edges on that tier's patch grid (to within a
+    canvas pixel's rounding); at 3 crops it is under half a patch a side, whatever its alignment there."""
     for width, height in syn.READ_SIZES:
         side = syn.mark_side(width, height)
-        at_12, at_3 = (side * syn.token_scale(width, height, c) * syn.TOKEN_PX / syn.PATCH_PX for c in (12, 3))
-        assert math.sqrt(2) <= at_12 < 1.6 and at_3 < 0.7, (width, height, at_12, at_3)
+        at_12, at_3 = (side * syn.processed_scale(width, height, c) / syn.PATCH_PX for c in (12, 3))
+        assert abs(at_12 - syn.MARK_PATCHES) < 0.03 and at_3 < 0.5, (width, height, at_12, at_3)
+    for s in details:
+        (mark,) = s.scene.marks
+        sx, sy, left, top = syn.crop_grid(*s.scene.size, 12)
+        for edge, scale, offset in ((mark.x, sx, left), (mark.y, sy, top), (mark.box[2], sx, left)):
+            off_grid = (edge * scale + offset) % syn.PATCH_PX
+            assert min(off_grid, syn.PATCH_PX - off_grid) < 1.0, (s.sample_id, edge, off_grid)
 
 
 def mark_share(sample: syn.Sample, processor, max_crops: int) -> tuple[float, float]:
@@ -482,14 +488,14 @@ def mark_share(sample: syn.Sample, processor, max_crops: int) -> tuple[float, fl
     return float(per_patch[1:].max()), float(per_patch[0].max())
 
 
-def test_the_processor_shows_the_mark_as_most_of_a_patch_at_12_crops_only(details):
+def test_the_processor_shows_the_mark_as_a_whole_patch_at_12_crops_only(details):
     from lmms_adaptive.core.processor import MolmoeProcessor
 
     processor = MolmoeProcessor.from_pretrained(REPO / "lmms_adaptive" / "resources" / "tiny-molmoe-synth")
     for s in details[:4]:
         crop_12, global_12 = mark_share(s, processor, 12)
         crop_3, global_3 = mark_share(s, processor, 3)
-        assert crop_12 >= 0.5 and crop_3 < 0.5 and max(global_12, global_3) < 0.3, (s.sample_id, crop_12, crop_3)
+        assert crop_12 >= 0.9 and crop_3 < 0.25 and max(global_12, global_3) < 0.2, (s.sample_id, crop_12, crop_3)
 
 
 def test_detail_questions_and_splits(details):

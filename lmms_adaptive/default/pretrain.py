@@ -225,6 +225,7 @@ class Batch(TensorFields):
     answer_at: Tensor  # [Q, 2]: (row, position) where each question's answer is predicted, in segment order
     label_question: Tensor  # [B, L]: which question (0..Q-1) each label belongs to, -1 where no label
     named: Tensor  # [Q]: the colour each question names (`synthetic.named_color`)
+    asked: Tensor  # [Q]: the colour a detail question's answer is (its mark's, `detail_color`), 0 for others
     route_at: Tensor  # [G, 2]: (row, position) writing a reading answer's digit ...
     route_keys: Tensor  # [G, K]: ... and the positions of that digit's glyph tokens, -1 padded
 
@@ -309,6 +310,7 @@ class ImageQuestions:
     request: ProcessedRequest
     segments: list[tuple[list[int], list[int]]]
     named: list[int]  # per segment, the colour its question names
+    asked: list[int]  # per segment, `detail_color` of its answer
     glyphs: GlyphTokens | None = None
     # the position writing place p of the first answer is (its first answer token's) + route_from + p: 0 for a
     # number (its leading space writes the first digit), -1 for a detail colour (one token, the prompt's last
@@ -337,10 +339,17 @@ def image_questions(
         for q, a, _ in qas
     ]
     named = [synthetic.named_color(q) for q, _, _ in qas]
+    asked = [detail_color(a, qtype) for _, a, qtype in qas]
     if sample.qtype == "detail":
-        return ImageQuestions(request, segments, named, mark_tokens(processor, sample, request, max_crops), -1)
+        return ImageQuestions(request, segments, named, asked, mark_tokens(processor, sample, request, max_crops), -1)
     glyphs = glyph_tokens(processor, sample, request, max_crops) if sample.qtype == "read" else None
-    return ImageQuestions(request, segments, named, glyphs)
+    return ImageQuestions(request, segments, named, asked, glyphs)
+
+
+def detail_color(answer: str, qtype: str) -> int:
+    """The target of :class:`QuestionHead`'s mark read-out: ``i + 1`` for the ``i``-th of ``COLORS`` when a
+    detail question's answer is that colour, 0 for any other question."""
+    return 1 + list(synthetic.COLORS).index(answer) if qtype == "detail" else 0
 
 
 def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
@@ -385,6 +394,7 @@ def collate(items: list[ImageQuestions], pad_id: int) -> Batch:
         answer_at=torch.tensor(answer_at, dtype=torch.int64),
         label_question=padded(4, -1),
         named=torch.tensor([n for item in items for n in item.named], dtype=torch.int64),
+        asked=torch.tensor([a for item in items for a in item.asked], dtype=torch.int64),
         route_at=torch.tensor([at for at, _ in route], dtype=torch.int64).reshape(-1, 2),
         route_keys=torch.from_numpy(route_keys),
     )
@@ -428,15 +438,23 @@ class QuestionHead(torch.nn.Module):
     it there: in an earlier default without this head, the colour a yes/no question named read 0.20 at
     that position after every block (chance 0.10) while the image's colour read 0.83-1.00, and yes/no
     stayed at chance. Like the vision stage's dense labels, it gives the decoder a target for a step it
-    needs."""
+    needs. A second read-out there, the mark's colour on detail questions, does the same for the colour
+    that block's route (:func:`route_loss`) brings from the mark's tokens."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
         self.color = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
+        self.mark = torch.nn.Linear(d_model, 1 + len(synthetic.COLORS))
 
     def loss(self, hidden: Tensor, named: Tensor) -> Tensor:
         """hidden [Q, D] at the answer positions, named [Q] -> cross-entropy."""
         return torch.nn.functional.cross_entropy(self.color(hidden), named)
+
+    def mark_loss(self, hidden: Tensor, asked: Tensor) -> Tensor:
+        """hidden [Q, D] at the answer positions, asked [Q] -> cross-entropy over the detail questions
+        (asked > 0; at least one)."""
+        detail = asked > 0
+        return torch.nn.functional.cross_entropy(self.mark(hidden[detail]), asked[detail])
 
 
 def route_loss(model: MolmoeForCausalLM, block: int, x: Tensor, rope, batch: Batch) -> Tensor:
@@ -460,8 +478,9 @@ def batch_losses(
 ) -> dict[str, Tensor]:
     """The losses of a batch under `schedule`: "answer", the cross-entropy of the answer tokens, averaged per
     question, then over the questions (each counts once, whatever its length); "question", the question
-    read-out's loss, when `question_head` is given; "route" (:func:`route_loss` of the second scheduled
-    block), when the batch has reading answers."""
+    read-out's loss, when `question_head` is given, and "mark", its mark read-out's, when the batch also has
+    detail questions; "route" (:func:`route_loss` of the second scheduled block), when the batch has reading
+    or detail answers."""
     features = model.encode_images(batch.crops, batch.crop_masks)  # [sum crops, tokens, D]
     per_sample = features.split(batch.crops_per_sample)
     padded = features.new_zeros(len(per_sample), batch.image_input_idx.shape[1], *features.shape[1:])
@@ -483,6 +502,8 @@ def batch_losses(
     if question_head is not None:
         rows, positions = batch.answer_at.unbind(-1)
         losses["question"] = question_head.loss(early[-1][rows, positions], batch.named)
+        if (batch.asked > 0).any():
+            losses["mark"] = question_head.mark_loss(early[-1][rows, positions], batch.asked)
     if len(batch.route_at):
         losses["route"] = route_loss(model, schedule.layers[1][0], early[0], rope, batch)
     return losses
@@ -868,6 +889,7 @@ def _train(run: RunDir, cfg: PretrainConfig, device: str) -> Path:
         row = {
             "step": step, "loss": round(value, 5), "question_loss": round(float(losses["question"].detach()), 5),
             "route_loss": round(float(losses["route"].detach()), 5) if "route" in losses else "",
+            "mark_loss": round(float(losses["mark"].detach()), 5) if "mark" in losses else "",
             "lr": cfg.lr_at(step), "max_crops": plan.max_crops,
             "top_k": plan.schedule.layers[-1][1], "n_blocks": len(plan.schedule.layers),
             "answer_tokens": batch.n_answer_tokens, "seconds": round(time.perf_counter() - began, 2),

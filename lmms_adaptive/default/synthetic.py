@@ -44,15 +44,14 @@ CPU budget: docs/embedded-default.md.)
 
 Legibility of ``detail`` (the knob dependence, by the same arithmetic at the ViT's patch). The ViT embeds
 each 28 px patch of a crop (:data:`PATCH_PX`) on its own before 2 x 2 patches are pooled into a token, so
-what a tier can show is decided per patch: a square of p patches a side (1 <= p < 2) covers at least
-(p/2)^2 of the patch it covers most whatever its alignment (>= 1/2 from p >= sqrt(2)), and at most p^2
-of any patch when p < 1. The mark is :data:`MARK_TOKENS` tokens (1.52 patches) a side at 12 crops
-(``mark_side``): most of some patch there. On the ``detail`` canvases (:data:`READ_SIZES`) 3 crops
-resize 0.43-0.45x as much as 12, so it is at most 0.68 patches a side there, a minority of every patch it
-touches (at most 0.46), the rest of which is the large shape (:data:`MARK_MARGIN_TOKENS`); 6 crops is in
-between (1.1 patches). A mark of 1.5 tokens (3 patches) at 12 crops, sized by the same argument per
-token instead, was still 1.3 patches at 3 crops and read there as well as at 12 after fine-tuning
-(docs/detail-family.md).
+what a tier can show is decided per patch. The mark is :data:`MARK_PATCHES` patch a side at 12 crops
+(``mark_side``), its edges on that tier's patch grid (:func:`crop_grid`; every crop's patches lie on one
+grid of the resized image), so it fills one patch there (0.97-1.00 of it through the processor). On the
+``detail`` canvases (:data:`READ_SIZES`) 3 crops resize 0.43-0.45x as much as 12, so it is under half a
+patch a side there, at most 0.2 of any patch whatever its alignment (the rest the large shape,
+:data:`MARK_MARGIN_TOKENS`), and about a third of a patch in the global view; 6 crops is in between
+(0.6 patches). Marks of 1.5 tokens (3 patches) and then 1.52 patches at 12 crops, at any alignment, were
+read after fine-tuning nearly as well at 3 crops as at 12 (docs/detail-family.md).
 
 Splits: the parameter space is partitioned by a hash of (scene, question), so a given
 (image, question) pair can only ever be produced in one of "train", "validation" and "test".
@@ -114,7 +113,7 @@ TOKEN_PX = 56  # one image token covers 56 x 56 px of a crop (2 x 2 patches of 2
 LEGIBLE_GLYPH_TOKENS = 0.9  # glyph pitch in image tokens at 12 crops: at least this
 CROWDED_GLYPH_TOKENS = 0.5  # ... and at 3 crops at most this: two or more glyphs share each token
 PATCH_PX = TOKEN_PX // 2  # one ViT patch of a crop
-MARK_TOKENS = 0.76  # side of a detail mark in image tokens at 12 crops: 1.52 patches (>= sqrt(2): most of a patch)
+MARK_PATCHES = 1  # side of a detail mark at 12 crops in ViT patches, on that tier's patch grid (it fills them)
 MARK_MARGIN_TOKENS = 1.0  # the large shape extends this many 3-crop tokens beyond the mark on every side
 DETAIL_SHAPES = ("circle", "hexagon")  # large shapes holding a mark: both contain the disc of 0.866 r
 TEXT_COLOR: RGB = (25, 25, 25)
@@ -444,18 +443,36 @@ def token_scale(width: int, height: int, max_crops: int) -> float:
     return processed_scale(width, height, max_crops) / TOKEN_PX
 
 
+def crop_grid(width: int, height: int, max_crops: int) -> tuple[float, float, int, int]:
+    """(x scale, y scale, left, top): canvas point (x, y) lies at (x * sx + left, y * sy + top) of the padded
+    image the processor cuts into crops at ``max_crops``, where every crop's patches sit on one
+    :data:`PATCH_PX` grid (crops start every ``window_pixels``, a multiple of it)."""
+    margin, window = DEFAULT_VISION.margin_pixels, DEFAULT_VISION.window_pixels
+    rows, cols = select_tiling(height - margin, width - margin, window, max_crops)
+    new_h, new_w, top, left = fit_box(height, width, (rows * window + margin, cols * window + margin))
+    return new_w / width, new_h / height, left, top
+
+
 def mark_side(width: int, height: int) -> int:
-    """Side in px of a detail mark on a ``width x height`` canvas: :data:`MARK_TOKENS` tokens at 12 crops."""
-    return round(MARK_TOKENS / token_scale(width, height, 12))
+    """Side in px of a detail mark on a ``width x height`` canvas: :data:`MARK_PATCHES` patches at 12 crops."""
+    return round(MARK_PATCHES * PATCH_PX / processed_scale(width, height, 12))
+
+
+def _on_patch_grid(start: float, scale: float, offset: int) -> int:
+    """The canvas px nearest ``start`` that the 12-crop resize puts on a patch boundary."""
+    return round((round((start * scale + offset) / PATCH_PX) * PATCH_PX - offset) / scale)
 
 
 def _plan_detail(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
     """A large circle or hexagon, and inside it a square mark of a colour that is neither its own nor a
-    look-alike of it (:data:`LOOKALIKES`), at least :data:`MARK_MARGIN_TOKENS` 3-crop tokens from its edge
-    (the corners of the mark and its margin within 0.866 r, a disc both shapes contain)."""
+    look-alike of it (:data:`LOOKALIKES`), on the 12-crop patch grid (:func:`crop_grid`), at least
+    :data:`MARK_MARGIN_TOKENS` 3-crop tokens from the shape's edge (the corners of the mark and its margin
+    within 0.866 r, a disc both shapes contain, wherever the grid moves the mark)."""
     size = rng.choice(READ_SIZES)
     side = mark_side(*size)
-    half = side / 2 + MARK_MARGIN_TOKENS / token_scale(*size, 3)  # the mark and its margin: a square of 2 half
+    sx, sy, left, top = crop_grid(*size, 12)
+    snap = PATCH_PX / min(sx, sy) / 2 + 1  # putting the mark on the grid moves it at most this far on each axis
+    half = side / 2 + MARK_MARGIN_TOKENS / token_scale(*size, 3) + snap  # the mark, its margin and the move
     r_min, r_max = math.ceil(math.sqrt(2) * half / 0.866), (min(size) - 5) // 2
     r = rng.randint(r_min, r_max)
     cx, cy = rng.randint(r + 2, size[0] - r - 3), rng.randint(r + 2, size[1] - r - 3)
@@ -464,7 +481,7 @@ def _plan_detail(rng: random.Random, _: int) -> tuple[Scene, str, str, str]:
     big = rng.choice(list(COLORS))
     small = rng.choice([c for c in COLORS if c != big and c not in LOOKALIKES[big]])  # a contrasting colour
     shape = Shape(rng.choice(DETAIL_SHAPES), big, cx, cy, r)
-    mark = Mark(small, round(mx - side / 2), round(my - side / 2), side)
+    mark = Mark(small, _on_patch_grid(mx - side / 2, sx, left), _on_patch_grid(my - side / 2, sy, top), side)
     scene = Scene(size, rng.choice(BACKGROUNDS), (shape,), marks=(mark,))
     return scene, Q_DETAIL.format(shape=shape.kind), small, ""
 
