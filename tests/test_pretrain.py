@@ -120,14 +120,20 @@ def test_the_question_head_learns_the_named_colour_at_the_answer_position(tiny_d
     processor, _, item = _image_questions(tiny_dir, 8, index=3)  # a yes/no scene: its questions name colours
     batch = pretrain.collate([item], processor.tokenizer.token_to_id("<|padding|>"))
     assert (batch.named > 0).any()
+    _train_read_out(tiny_dir, batch, "question", steps=8)
+
+
+def _train_read_out(tiny_dir: Path, batch, loss_name: str, steps: int):
+    """Train the model and a QuestionHead on one batch's `loss_name` loss: it must halve, and only the first
+    two scheduled blocks (before the read-out) may get gradients. Returns (model, head, schedule)."""
     torch.manual_seed(0)
     model = load_model(tiny_dir).requires_grad_(True)
     head = pretrain.QuestionHead(model.config.d_model)
     schedule = pretrain.sample_step_plan(KnobSpace.from_config(model.config), 0, 0, 1.0).schedule
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
     losses = []
-    for _ in range(8):
-        loss = pretrain.batch_losses(model, batch, schedule, head)["question"]
+    for _ in range(steps):
+        loss = pretrain.batch_losses(model, batch, schedule, head)[loss_name]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -137,6 +143,7 @@ def test_the_question_head_learns_the_named_colour_at_the_answer_position(tiny_d
         n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0 and ".blocks." in n
     }
     assert {n.split(".")[3] for n in grads} == {"0", "1"}  # read after the first two scheduled blocks only
+    return model, head, schedule
 
 
 def test_a_packed_batch_trains_as_its_questions_one_by_one(tiny_dir: Path) -> None:
@@ -427,22 +434,6 @@ def test_the_mark_read_out_learns_a_detail_answer_at_the_answer_position(tiny_di
     batch = pretrain.collate([pretrain.image_questions(processor, sample, qas, 12, eos)], pad)
     mark_color = 1 + list(synthetic.COLORS).index(sample.answer)
     assert batch.asked.tolist() == [mark_color if qtype == "detail" else 0 for _, _, qtype in qas]
-    torch.manual_seed(0)
-    model = load_model(tiny_dir).requires_grad_(True)
-    head = pretrain.QuestionHead(model.config.d_model)
-    schedule = pretrain.sample_step_plan(KnobSpace.from_config(model.config), 0, 0, 1.0).schedule
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3)
-    losses = []
-    for _ in range(6):
-        loss = pretrain.batch_losses(model, batch, schedule, head)["mark"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.5 * losses[0], losses
-    grads = {
-        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0 and ".blocks." in n
-    }
-    assert {n.split(".")[3] for n in grads} == {"0", "1"}  # read after the first two scheduled blocks only
+    model, head, schedule = _train_read_out(tiny_dir, batch, "mark", steps=6)
     _, _, plain = _image_questions(tiny_dir, 3)
     assert "mark" not in pretrain.batch_losses(model, pretrain.collate([plain], pad), schedule, head)
