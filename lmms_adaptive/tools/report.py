@@ -330,7 +330,8 @@ def with_frontier_gaps(rows: Sequence[TableRow], points: Sequence[PlanPoint]) ->
 
 def oracle_rows(rows: Sequence[RequestRecord], budgets: Sequence[float]) -> list[tuple[str, TableRow]]:
     """(task, row) per oracle, task and budget (`lookup.oracle_summary`): the best measured plan per sample
-    that fits the budget, and the plan per question type a lookup table of that type picks."""
+    that fits the budget, the plan per question type a lookup table of that type picks, and the best plan to
+    fix for the budget (at most 2 % of requests over it)."""
     return [
         (
             s.task,
@@ -428,7 +429,8 @@ def plot_task(task: str, rows: Sequence[TableRow], points: Sequence[PlanPoint], 
 def write_report(runs: Sequence[RunResult], out: str | Path, profile: Sequence[RequestRecord] = ()) -> Path:
     """`report_<task>.md/.csv/.png` per task and the combined `report.md` in `out`; returns report.md.
 
-    With profile rows: grey plan points on the plots and oracle rows at the runs' budgets."""
+    With profile rows: grey plan points and the fixed-plan frontier on the plots, each row's distance above
+    that frontier, and oracle rows at the runs' budgets."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     budgets = sorted({r.budget_ms for r in runs if r.budget_ms is not None})
