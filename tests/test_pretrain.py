@@ -167,6 +167,21 @@ def test_group_mean() -> None:
     assert pretrain.group_mean(values, torch.tensor([0, 0, 2, 1]), 3).tolist() == [2.0, 10.0, 2.0]
 
 
+def test_detail_steps_see_detail_images_only_at_the_top_tier(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(QUICK, steps=4, batch_size=2, detail_every=2)
+    run = pretrain.RunDir(tmp_path / "run")
+    run.prepare(cfg)
+    top = KnobSpace.from_config(MolmoeConfig.from_folder(run.init)).tiers[-1]
+    steps = list(pretrain.StepStream(run.init, cfg, 0))
+    for step, plan, batch in steps:
+        detail = step in (1, 3)
+        # every detail image's own question is a detail one; the recipe mix has none
+        assert ((batch.asked > 0).sum() == cfg.batch_size) if detail else not (batch.asked > 0).any()
+        assert plan.max_crops == top or not detail
+    with pytest.raises(ValueError, match="detail_every must be >= 0"):
+        pretrain.PretrainConfig(detail_every=-1)
+
+
 def test_a_short_run_lowers_the_loss_and_exports_a_checkpoint(tmp_path: Path) -> None:
     cfg = dataclasses.replace(QUICK, steps=16, batch_size=4)
     run = pretrain.RunDir(tmp_path / "run")

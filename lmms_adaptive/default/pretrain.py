@@ -85,7 +85,9 @@ TRAIN_MIX = ("color", "shape", "count", "yesno", "read", "shape", "count", "yesn
 
 
 TEXT_SETTINGS = ("mix", "init")  # string settings: checked in PretrainConfig.__post_init__ on their own
-NON_NEGATIVE = ("weight_decay", "vision_steps", "vision_read_steps", "vision_sharpen_steps", "vision_lr_scale")
+NON_NEGATIVE = (
+    "weight_decay", "vision_steps", "vision_read_steps", "vision_sharpen_steps", "vision_lr_scale", "detail_every",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class PretrainConfig:
     eval_samples: int = 40  # validation samples per evaluation (each run at every tier)
     save_every: int = 50
     mix: str = ",".join(TRAIN_MIX)  # question types the decoder steps cycle through, comma-separated
+    detail_every: int = 0  # every N-th decoder step: detail images only, at the top tier (0: no such steps)
     init: str = ""  # a checkpoint folder to fine-tune (its config and tokenizer are kept); "": from scratch
 
     def __post_init__(self) -> None:
@@ -413,10 +416,12 @@ class StepStream(torch.utils.data.IterableDataset):
         space = KnobSpace.from_config(MolmoeConfig.from_folder(self.folder))
         cfg, eos, pad = self.cfg, processor.special.eos, processor.tokenizer.token_to_id("<|padding|>")
         for step in range(self.start, cfg.steps):
-            plan = sample_step_plan(space, cfg.seed, step, cfg.full_plan_prob)
+            plan, mix = sample_step_plan(space, cfg.seed, step, cfg.full_plan_prob), cfg.train_mix
+            if cfg.detail_every and (step + 1) % cfg.detail_every == 0:  # the mark is readable at the top tier only
+                plan, mix = dataclasses.replace(plan, max_crops=space.tiers[-1]), synthetic.DETAIL_QTYPES
             items = []
             for index in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
-                sample = train_sample(cfg.seed, index, cfg.train_mix)
+                sample = train_sample(cfg.seed, index, mix)
                 qas = sample_questions(sample, random.Random(f"questions/{cfg.seed}/{index}"), cfg.questions_per_image)
                 items.append(image_questions(processor, sample, qas, plan.max_crops, eos))
             yield step, plan, collate(items, pad)
@@ -937,6 +942,7 @@ SETTING_HELP = {
     "eval_samples": "validation samples per validation, each run at every tier",
     "save_every": "steps between saved states (the resume points)",
     "mix": "question types the decoder steps cycle through, comma-separated (e.g. add detail)",
+    "detail_every": "every N-th decoder step sees detail images only, at the top tier (0: none)",
     "init": "checkpoint folder to fine-tune (its config and tokenizer are kept); empty: from scratch",
 }
 
