@@ -112,8 +112,8 @@ def olmoe_twin(model: MolmoeForCausalLM):
                      (s.o_proj.weight, a.attn_out.weight), (s.q_norm.weight, a.q_norm.weight),
                      (s.k_norm.weight, a.k_norm.weight), (layer.input_layernorm.weight, a.attn_norm.weight),
                      (layer.post_attention_layernorm.weight, m.ff_norm.weight), (layer.mlp.gate.weight, m.gate.weight),
-                     (layer.mlp.experts.gate_up_proj, m.experts.gate_up.transpose(1, 2)),
-                     (layer.mlp.experts.down_proj, m.experts.down.transpose(1, 2))]  # fmt: skip
+                     (layer.mlp.experts.gate_up_proj, m.experts.gate_up),
+                     (layer.mlp.experts.down_proj, m.experts.down)]  # fmt: skip
             for dst, src in pairs:
                 dst.copy_(src)
         twin.model.norm.weight.copy_(model.model.transformer.ln_f.weight)

@@ -35,7 +35,7 @@ def module_decode_token(
     """`MolmoeForCausalLM.decode_token` through the block modules (whose MoE the oracle replaces), not
     through the fused `decode_block` (which calls no module); `step` is ignored."""
     rope = model.rope(position[None])
-    x = model.run_blocks(x, rope, schedule.layers, schedule.renormalize, cache, position, cache.visible(position))
+    x = model.run_blocks(x, rope, schedule.layers, schedule.renormalize, cache, cache.length)
     return model.logits(model.final_norm(x)[0, -1]).float()
 
 

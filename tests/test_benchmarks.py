@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import budget_under_load  # noqa: E402
 import controller_overhead  # noqa: E402 (the benchmark scripts are found through sys.path)
 import decode_speed  # noqa: E402
+import expert_layout  # noqa: E402
 import knob_latency  # noqa: E402
 import reading_diagnosis  # noqa: E402
 
@@ -82,3 +83,17 @@ def test_decode_speed_report(tmp_path: Path) -> None:
     assert all(r["floor_ms"] > 0 and r["eager_ms"] > 0 and r["compiled_ms"] > 0 for r in saved["decode"])
     assert saved["read_gbps"] > 0 and saved["warmup_s"] >= 0 and saved["prefill_ms"] > 0
     assert saved["olmoe_max_logit_diff"] < 1e-4  # transformers' OLMoE holds the same weights: the same logits
+
+
+def test_expert_layout_rows(tmp_path: Path) -> None:
+    """Every layout and path is timed (and checked against the others inside the script, before timing)."""
+    out = tmp_path / "layout.json"
+    rows = expert_layout.main(["--shapes", "mid", "--repeats", "2", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == [asdict(r) for r in rows]
+    assert {(r["layout"], r["path"]) for r in saved} == {
+        (layout, path) for layout in ("output-major", "input-major") for path in ("compiled", "eager")
+    }
+    assert all(r["shape"] == "mid" and r["median_us"] > 0 and r["gbps"] > 0 for r in saved)
+    with pytest.raises(SystemExit):
+        expert_layout.main(["--shapes", "huge"])

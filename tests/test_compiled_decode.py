@@ -97,9 +97,11 @@ def test_the_cuda_grouped_path_agrees_and_compiles(rt: AdaptiveMolmoe, monkeypat
     w = core_model.BlockWeights(*(t.to(torch.bfloat16) for t in block.weights()))
     x = torch.randn(1, 1, model.config.d_model, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     cache = model.new_cache(20)
-    k, v = (t.to(torch.bfloat16) for t in cache.buffers(1))
-    position = torch.tensor([5])
-    rope, mask, eps = model.rope(position[None]), cache.visible(position), model.config.layer_norm_eps
+    cache.length = 5
+    position = torch.tensor([cache.length])
+    k, v, mask = cache.decode_window(1, position)
+    k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    rope, eps = model.rope(position[None]), model.config.layer_norm_eps
     with torch.inference_mode():
         loop = core_model.decode_block(x, w, k.clone(), v.clone(), position, rope, mask, 6, False, eps)
         monkeypatch.setattr(core_model, "can_group_on_device", lambda t: t.dtype == torch.bfloat16)

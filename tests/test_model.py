@@ -253,7 +253,7 @@ def test_tiny_a_checkpoint_names_equal_weight_slots(golden_case: dict) -> None:
 
 
 def test_expert_slots_are_views_of_the_stacked_tensors(tiny_dir: Path) -> None:
-    """The checkpoint's [out, in] expert matrices are transposed views of the input-major stacks."""
+    """The checkpoint's [out, in] expert matrices are views of the output-major stacks."""
     model = load_model(tiny_dir)
     slots = model.weight_slots()
     experts = model.model.transformer.blocks[2].mlp.experts
@@ -262,7 +262,7 @@ def test_expert_slots_are_views_of_the_stacked_tensors(tiny_dir: Path) -> None:
         slots["model.transformer.blocks.2.mlp.experts.5.gate_proj.weight"].fill_(1.5)
         slots["model.transformer.blocks.2.mlp.experts.5.up_proj.weight"].fill_(2.5)
         slots["model.transformer.blocks.2.mlp.experts.5.down_proj.weight"].fill_(3.5)
-    assert (experts.gate_up[5, :, :hidden] == 1.5).all() and (experts.gate_up[5, :, hidden:] == 2.5).all()
+    assert (experts.gate_up[5, :hidden] == 1.5).all() and (experts.gate_up[5, hidden:] == 2.5).all()
     assert (experts.down[5] == 3.5).all()
     assert not (experts.gate_up[4] == 1.5).all() and not (experts.down[6] == 3.5).all()
 
@@ -505,8 +505,8 @@ def test_top1_renormalized_is_the_chosen_expert_alone(tiny_config: MolmoeConfig)
         ex = moe.experts
         expected = torch.stack(
             [
-                (torch.nn.functional.silu(t @ ex.gate_up[e, :, : ex.hidden]) * (t @ ex.gate_up[e, :, ex.hidden :]))
-                @ ex.down[e]
+                (torch.nn.functional.silu(ex.gate_up[e, : ex.hidden] @ t) * (ex.gate_up[e, ex.hidden :] @ t))
+                @ ex.down[e].T
                 for t, e in zip(h, best.tolist(), strict=True)
             ]
         )
@@ -855,3 +855,13 @@ def test_decode_token_attends_only_up_to_its_position(tiny_model, tiny_inputs) -
 def test_cache_capacity_rounds_up_to_its_bucket(tiny_model) -> None:
     cache = tiny_model.new_cache(KVCache.BUCKET + 1)
     assert cache.max_len == 2 * KVCache.BUCKET and tiny_model.new_cache(KVCache.BUCKET).max_len == KVCache.BUCKET
+
+
+def test_a_decode_token_attends_to_the_bucket_it_is_in_not_the_capacity(tiny_model) -> None:
+    bucket = KVCache.BUCKET
+    cache = tiny_model.new_cache(3 * bucket)
+    for length, slots in ((0, bucket), (5, bucket), (bucket - 1, bucket), (bucket, 2 * bucket)):
+        cache.length = length
+        keys, values, mask = cache.decode_window(0, torch.tensor([length]))
+        assert keys.shape[2] == values.shape[2] == slots and mask.shape == (1, 1, 1, slots)
+        assert mask[0, 0, 0].tolist() == [i <= length for i in range(slots)]

@@ -213,16 +213,14 @@ class KVCache:
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, like: Tensor):
         max_len = -(-max_len // self.BUCKET) * self.BUCKET
-        self.shape = (batch, n_heads, max_len, head_dim)
+        # one spare slot past the capacity: a decode window is then never the whole buffer, so a compiled
+        # step sees one memory layout (a window equal to the buffer is contiguous and would compile anew)
+        self.shape = (batch, n_heads, max_len + 1, head_dim)
         self.dtype, self.device = like.dtype, like.device
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
         self.length = 0  # positions held for every block that has run (the next token's position)
         self.max_len = max_len
-
-    def visible(self, position: Tensor) -> Tensor:
-        """[1, 1, 1, max_len] attention mask of a decode token at `position` [1]: every slot up to it."""
-        return (torch.arange(self.max_len, device=position.device) <= position)[None, None, None]
 
     def buffers(self, block: int) -> tuple[Tensor, Tensor]:
         """The block's whole key and value buffers [batch, heads, max_len, head_dim], zeros on first use."""
@@ -231,22 +229,25 @@ class KVCache:
             self.v[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.k[block], self.v[block]
 
-    def update(self, block: int, start: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end.
-        A tensor `start` ([1], one decode token) writes without a host sync and returns the whole buffers,
-        for `MolmoeForCausalLM.decode_token`'s static shapes (its mask hides the positions after it)."""
-        if isinstance(start, Tensor):
-            keys, values = self.buffers(block)
-            keys.index_copy_(2, start, k)
-            values.index_copy_(2, start, v)
-            return keys, values
+    def decode_window(self, block: int, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """What a decode token at `position` [1] (= `length`) attends to in the block: the first slots of its
+        keys and values [batch, heads, slots, head_dim], i.e. the positions held so far and its own rounded
+        up to a multiple of BUCKET (a compiled step sees a new shape once per bucket, not per token), and the
+        [1, 1, 1, slots] mask that hides the slots after the token."""
+        slots = -(-(self.length + 1) // self.BUCKET) * self.BUCKET
+        keys, values = self.buffers(block)
+        mask = (torch.arange(slots, device=position.device) <= position)[None, None, None]
+        return keys[:, :, :slots], values[:, :, :slots], mask
+
+    def update(self, block: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end."""
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.buffers(block)
-        self.k[block][:, :, start:end] = k
-        self.v[block][:, :, start:end] = v
-        return self.k[block][:, :, :end], self.v[block][:, :, :end]
+        keys, values = self.buffers(block)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -271,7 +272,7 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask: Tensor | None,
         cache: KVCache | None,
-        start: int | Tensor,
+        start: int,
         block: int,
     ) -> Tensor:
         """With a cache, the chunk's keys/values are written at positions `start`.. and it attends to all before."""
@@ -305,23 +306,24 @@ def project_qkv(
 
 
 class Experts(nn.Module):
-    """All experts of one block, stacked input-major for fast products with a few rows on the CPU:
-    gate_up [E, D, 2H] (gate columns then up columns), down [E, H, D]. The checkpoint's per-expert
-    [out, in] matrices are transposed views of these (`slots`), so loading relayouts them in place."""
+    """All experts of one block, stacked output-major like the checkpoint's per-expert [out, in] matrices:
+    gate_up [E, 2H, D] (gate rows then up rows), down [E, D, H]. Each output of a one-token product is then a
+    contiguous dot product, which compiled decode reductions stream (docs/speed.md). The checkpoint's
+    matrices are views of these (`slots`), so loading writes them in place."""
 
     def __init__(self, n_experts: int, d_model: int, hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
-        self.gate_up = nn.Parameter(torch.zeros(n_experts, d_model, 2 * hidden))
-        self.down = nn.Parameter(torch.zeros(n_experts, hidden, d_model))
+        self.gate_up = nn.Parameter(torch.zeros(n_experts, 2 * hidden, d_model))
+        self.down = nn.Parameter(torch.zeros(n_experts, d_model, hidden))
 
     def slots(self, prefix: str) -> dict[str, Tensor]:
         """Original per-expert parameter names -> [out, in] views into the stacked tensors."""
         out = {}
         for e in range(self.gate_up.shape[0]):
-            out[f"{prefix}.{e}.gate_proj.weight"] = self.gate_up[e, :, : self.hidden].T
-            out[f"{prefix}.{e}.up_proj.weight"] = self.gate_up[e, :, self.hidden :].T
-            out[f"{prefix}.{e}.down_proj.weight"] = self.down[e].T
+            out[f"{prefix}.{e}.gate_proj.weight"] = self.gate_up[e, : self.hidden]
+            out[f"{prefix}.{e}.up_proj.weight"] = self.gate_up[e, self.hidden :]
+            out[f"{prefix}.{e}.down_proj.weight"] = self.down[e]
         return out
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
@@ -336,9 +338,9 @@ def apply_experts(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, 
 
 
 def expert_ffn(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
-    """One SwiGLU expert: x [N, D], gate_up [D, 2H], down [H, D] -> [N, D]."""
-    gate, up = (x @ gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down
+    """One SwiGLU expert: x [N, D], gate_up [2H, D], down [D, H] -> [N, D]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 def experts_one_token(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
@@ -358,10 +360,11 @@ def experts_one_token(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tens
 def experts_indexed(x: Tensor, weights: Tensor, experts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """One token through its k experts written as reductions over the indexed weights: traceable (no host
     read), and inductor fuses the indexing into the reduction loops, so the weights are read where they lie
-    (as batched products they would first be gathered into a copy)."""
+    (as batched products they would first be gathered into a copy); each reduction runs along a contiguous
+    row of the output-major weights."""
     chosen = experts[0]
-    gate, up = (x[0, :, None] * gate_up[chosen]).sum(1).chunk(2, dim=-1)
-    y = ((F.silu(gate) * up)[:, :, None] * down[chosen]).sum(1)
+    gate, up = (gate_up[chosen] * x[0]).sum(-1).chunk(2, dim=-1)
+    y = (down[chosen] * (F.silu(gate) * up)[:, None, :]).sum(-1)
     return weights @ y
 
 
@@ -384,19 +387,19 @@ def can_group_on_device(x: Tensor) -> bool:
 
 
 def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-    """Rows of x sorted by group, w [G, in, out], counts [G] -> x_g @ w_g for each group g, [rows, out]."""
+    """Rows of x sorted by group, w [G, out, in], counts [G] -> x_g @ w_g.T for each group g, [rows, out]."""
     if can_group_on_device(x):
-        return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    out = x.new_empty(x.shape[0], w.shape[2])
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    out = x.new_empty(x.shape[0], w.shape[1])
     training = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)  # mm(out=) has no gradient
     start = 0
     for g, size in enumerate(counts.tolist()):  # one host sync per call, then only the groups with rows
         if size:
             rows = slice(start, start + size)
             if training:
-                out[rows] = x[rows] @ w[g]
+                out[rows] = x[rows] @ w[g].T
             else:
-                torch.mm(x[rows], w[g], out=out[rows])
+                torch.mm(x[rows], w[g].T, out=out[rows])
             start += size
     return out
 
@@ -455,7 +458,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MoE(config)
 
-    def forward(self, x, rope, mask, cache, start: int | Tensor, block: int, top_k: int, renormalize: bool) -> Tensor:
+    def forward(self, x, rope, mask, cache, start: int, block: int, top_k: int, renormalize: bool) -> Tensor:
         x = x + self.attn(x, rope, mask, cache, start, block)
         return x + self.mlp(x, top_k, renormalize)
 
@@ -470,8 +473,8 @@ class Block(nn.Module):
 def decode_block(
     x: Tensor,
     w: BlockWeights,
-    cache_k: Tensor,
-    cache_v: Tensor,
+    keys: Tensor,
+    values: Tensor,
     position: Tensor,
     rope: tuple[Tensor, Tensor],
     mask: Tensor,
@@ -479,14 +482,15 @@ def decode_block(
     renormalize: bool,
     eps: float,
 ) -> Tensor:
-    """One block over one decode token x [1, 1, D] at `position` [1]: its keys/values are written into the
-    block's cache buffers [1, heads, max_len, head_dim] (in place) and it attends to every slot `mask`
-    [1, 1, 1, max_len] shows. Everything a block differs in is an input, so one compiled graph of this
-    function per top-k serves every block of every schedule."""
-    q, k, v = project_qkv(x, w.attn_norm, w.att_proj, w.q_norm, w.k_norm, rope, cache_k.shape[1], eps)
-    cache_k.index_copy_(2, position, k)
-    cache_v.index_copy_(2, position, v)
-    out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
+    """One block over one decode token x [1, 1, D] at `position` [1]. `keys`/`values` [1, heads, slots,
+    head_dim] are the block's cache window (`KVCache.decode_window`): the token's keys/values are written at
+    `position` (in place) and it attends to the slots `mask` [1, 1, 1, slots] shows. Everything a block
+    differs in is an input, so one compiled graph of this function per top-k serves every block of every
+    schedule at every position."""
+    q, k, v = project_qkv(x, w.attn_norm, w.att_proj, w.q_norm, w.k_norm, rope, keys.shape[1], eps)
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     x = x + F.linear(out.transpose(1, 2).flatten(2), w.attn_out)
     return x + moe_ffn(x, w.ff_norm, w.gate, w.gate_up, w.down, top_k, renormalize, eps)
 
@@ -624,7 +628,7 @@ class MolmoeForCausalLM(nn.Module):
         layers: Sequence[tuple[int, int]],
         renormalize: bool,
         cache: KVCache | None = None,
-        start: int | Tensor = 0,
+        start: int = 0,
         mask: Tensor | None = None,
     ) -> Tensor:
         """(block index, top-k) `layers` in order over x, without the final norm; cache writes at `start`.
@@ -638,17 +642,16 @@ class MolmoeForCausalLM(nn.Module):
     def decode_token(
         self, x: Tensor, position: Tensor, schedule: LayerSchedule, cache: KVCache, step: DecodeStep = decode_block
     ) -> Tensor:
-        """One batch-1 decode step: the embedded token x [1, 1, D] at `position` [1] (int64) -> next-token
-        logits [vocab] in float32; the token's keys/values go into `cache` (which the caller advances).
-        Each scheduled block runs `step` (`decode_block`, or one compiled per top-k: `compiled_decode_block`)
-        with that block's weights and cache buffers; every shape is independent of the position (the step
-        attends to the whole cache buffer under `cache.visible`)."""
+        """One batch-1 decode step: the embedded token x [1, 1, D] at `position` [1] (int64, `cache.length`)
+        -> next-token logits [vocab] in float32; the token's keys/values go into `cache` (which the caller
+        advances). Each scheduled block runs `step` (`decode_block`, or one compiled per top-k:
+        `compiled_decode_block`) with that block's weights and its cache up to the token's bucket, so attention
+        reads the positions held (rounded up), not the cache's capacity."""
         rope = self.rope(position[None])
-        mask = cache.visible(position)
         blocks = self.model.transformer.blocks
         eps = self.config.layer_norm_eps
         for index, top_k in schedule.layers:
-            k, v = cache.buffers(index)
+            k, v, mask = cache.decode_window(index, position)
             x = step(x, blocks[index].weights(), k, v, position, rope, mask, top_k, schedule.renormalize, eps)
         return self.logits(self.final_norm(x)[0, -1]).float()
 

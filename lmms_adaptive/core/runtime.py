@@ -506,17 +506,17 @@ def resolve_compile(choice: bool | str, model: MolmoeForCausalLM) -> bool:
 def compiled_decode_block(device: torch.device) -> DecodeStep:
     """`decode_block` under torch.compile, one per process and device type: fullgraph (a graph break would
     silently cost the speed-up), CUDA graphs on a GPU ("reduce-overhead"). A block's weights and cache are
-    inputs and the cache length is dynamic, so one graph per top-k (and renormalize) serves every block of
-    every schedule at every cache size."""
+    inputs and the attended window's length is dynamic, so one graph per top-k (and renormalize) serves every
+    block of every schedule at every position."""
     if device.type not in _COMPILED_STEPS:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
         _COMPILED_STEPS[device.type] = torch.compile(decode_block, mode=mode, fullgraph=True)
     graph = _COMPILED_STEPS[device.type]
 
-    def step(x, w, cache_k, cache_v, position, rope, mask, top_k, renormalize, eps) -> Tensor:
-        for t, dim in ((cache_k, 2), (cache_v, 2), (mask, 3)):
+    def step(x, w, keys, values, position, rope, mask, top_k, renormalize, eps) -> Tensor:
+        for t, dim in ((keys, 2), (values, 2), (mask, 3)):
             torch._dynamo.maybe_mark_dynamic(t, dim)
-        return graph(x, w, cache_k, cache_v, position, rope, mask, top_k, renormalize, eps)
+        return graph(x, w, keys, values, position, rope, mask, top_k, renormalize, eps)
 
     return step
 
