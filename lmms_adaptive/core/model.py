@@ -490,9 +490,19 @@ def decode_block(
     q, k, v = project_qkv(x, w.attn_norm, w.att_proj, w.q_norm, w.k_norm, rope, keys.shape[1], eps)
     keys.index_copy_(2, position, k)
     values.index_copy_(2, position, v)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    out = decode_attention(q, keys, values, mask)
     x = x + F.linear(out.transpose(1, 2).flatten(2), w.attn_out)
     return x + moe_ffn(x, w.ff_norm, w.gate, w.gate_up, w.down, top_k, renormalize, eps)
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """One query q [1, heads, 1, head_dim] over the cache window keys/values [1, heads, slots, head_dim] where
+    `mask` [1, 1, 1, slots] shows it: SDPA on CUDA; on the CPU the plain math (softmax in fp32), which inductor
+    fuses into one loop, twice as fast there as the CPU flash kernel for a single query (docs/speed.md)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    scores = (q @ keys.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype) @ values
 
 
 class LMHead(nn.Module):
