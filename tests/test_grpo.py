@@ -150,6 +150,12 @@ def test_group_advantages_hand_values() -> None:
     torch.testing.assert_close(group_advantages(torch.tensor([0.0, 2.0])), torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
 
 
+def test_centred_advantages_keep_the_reward_spread() -> None:
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), scale=False),
+                               torch.tensor([-1.5, -0.5, 0.5, 1.5]))  # fmt: skip
+    assert torch.equal(group_advantages(torch.full((4,), 0.3), scale=False), torch.zeros(4))
+
+
 def test_equal_rewards_give_exactly_zero_advantages() -> None:
     assert torch.equal(group_advantages(torch.full((8,), 0.1)), torch.zeros(8))
     batched = group_advantages(torch.tensor([[0.3, 0.3, 0.3], [0.0, 1.0, 2.0]]))

@@ -61,16 +61,20 @@ def reward(score: float, latency_ms: float, budget_ms: float, penalty: Penalty =
     return within - penalty.constant - penalty.per_overshoot * min(used - 1.0, penalty.cap)
 
 
-def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
-    """(r - mean) / (std + eps) over the last dimension (one group), population std.
+def group_advantages(rewards: Tensor, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """(r - mean) / (std + eps) over the last dimension (one group), population std; `scale=False`: r - mean.
 
-    A group whose rewards are all equal carries no preference and gets exactly zero advantages
-    (not rounding noise divided by eps).
+    Scaled, every group weighs the same however small its reward spread: a group that differs only in the
+    within-budget latency cost pushes as hard as one where a plan answers and another does not. Centred only,
+    groups weigh by their spread. A group whose rewards are all equal carries no preference and gets exactly
+    zero advantages (not rounding noise divided by eps).
     """
     mean = rewards.mean(dim=-1, keepdim=True)
-    std = rewards.std(dim=-1, correction=0, keepdim=True)
     same = rewards.amax(dim=-1, keepdim=True) == rewards.amin(dim=-1, keepdim=True)
-    return torch.where(same, torch.zeros_like(rewards), (rewards - mean) / (std + eps))
+    centred = rewards - mean
+    if scale:
+        centred = centred / (rewards.std(dim=-1, correction=0, keepdim=True) + eps)
+    return torch.where(same, torch.zeros_like(rewards), centred)
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class GRPOConfig:
     kl_coef: float = 0.0  # > 0: KL to the policy's weights at the start of training (see `train`)
     entropy_coef: float = 0.01  # bonus on the policy's entropy: keeps groups diverse (no early collapse)
     epochs: int = 2  # clipped updates per batch of groups
+    scale_advantages: bool = True  # divide each group's centred rewards by its std (see `group_advantages`)
     lr_decay: bool = True  # lr falls linearly to 0 over the run (see `train`)
     max_grad_norm: float = 1.0
     penalty: Penalty = field(default_factory=Penalty)
@@ -209,7 +214,7 @@ def grpo_step(
         torch.cat(parts) for parts in zip(*((ro.hidden, ro.log_prob, ro.entropy) for ro in rollouts))
     )
     inputs = ([plan for ro in rollouts for plan in ro.plans], budget, question, features, hidden)
-    advantages = group_advantages(rewards).flatten().to(logp_old.device)
+    advantages = group_advantages(rewards, cfg.scale_advantages).flatten().to(logp_old.device)
     with torch.no_grad():
         logp_ref = reference.log_prob(*inputs) if reference is not None else None
     updated = bool(advantages.any()) or cfg.kl_coef > 0 or cfg.entropy_coef > 0

@@ -70,6 +70,7 @@ from lmms_adaptive.tools.runlog import (
 log = logging.getLogger(__name__)
 
 REPO_TASKS = Path(__file__).resolve().parents[2] / "tasks"  # the local tasks of a source checkout
+ADVANTAGES = ("std", "centred")  # TrainConfig.advantages
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class TrainConfig:
     kl_coef: float = 0.0
     entropy_coef: float = 0.03
     epochs: int = 2
+    advantages: str = "std"  # "std": group-normalised; "centred": r - mean only (see grpo.group_advantages)
     penalty: float = 1.0
     penalty_per_overshoot: float = 1.0
     penalty_cap: float = 1.0  # the relative overshoot counted at most
@@ -113,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"group_size must be >= 2 (advantages are relative within a group), got {self.group_size}")
         if not self.tasks:
             raise ValueError("tasks: name at least one lmms-eval task to train on")
+        if self.advantages not in ADVANTAGES:
+            raise ValueError(f"advantages must be one of {', '.join(ADVANTAGES)}, got {self.advantages!r}")
         numbers = {f.name: getattr(self, f.name) for f in fields(self) if f.type in ("float", "tuple[float, ...]")}
         for name, value in numbers.items():
             if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
@@ -123,7 +127,7 @@ class TrainConfig:
         return GRPOConfig(
             group_size=self.group_size, requests_per_step=self.requests_per_step, lr=self.lr,
             stage1_lr_scale=self.stage1_lr_scale, clip_eps=self.clip_eps, kl_coef=self.kl_coef,
-            entropy_coef=self.entropy_coef, epochs=self.epochs, penalty=Penalty(self.penalty, self.penalty_per_overshoot, self.penalty_cap, self.latency_cost),
+            entropy_coef=self.entropy_coef, epochs=self.epochs, scale_advantages=self.advantages == "std", penalty=Penalty(self.penalty, self.penalty_per_overshoot, self.penalty_cap, self.latency_cost),
             budget_range_ms=(low, high), seed=self.seed,
         )  # fmt: skip
 
@@ -479,6 +483,7 @@ SETTING_HELP = {
     "kl_coef": "weight of the KL penalty to the policy at the start of training",
     "entropy_coef": "weight of the entropy bonus",
     "epochs": "clipped updates on each step's groups",
+    "advantages": "std: each group's rewards centred and divided by their std; centred: centred only",
     "penalty": "constant reward penalty of a request over its budget",
     "penalty_per_overshoot": "added penalty per unit of relative overshoot, latency / budget - 1",
     "penalty_cap": "the relative overshoot counted at most",
