@@ -11,8 +11,8 @@ TASKS  ?= synth_vqa_test,synth_pope_test,textvqa_val_local,mme_local,pope_local
 FORMAT_CHECKS ?= textvqa_val_local,mme_local,pope_local
 OUT    ?= runs/demo
 MODEL_ARGS ?= controller=grpo,budget=200
-# The built-in model's floor (docs/embedded-default.md): 0.66-0.75 at every measured plan; chance ~0.1.
-FLOORS ?= --floor synth_vqa_test:exact_match=0.6
+# The built-in model's floor (docs/embedded-default.md): 0.58-0.76 at every measured plan; chance ~0.1.
+FLOORS ?= --floor synth_vqa_test:exact_match=0.5
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 

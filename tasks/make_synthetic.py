@@ -23,11 +23,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # file stem -> (split, seed, layout, question types, number of rows, first question id)
 FILES = {
-    "synth_vqa_val": ("validation", 0, "textvqa", VQA_QTYPES, 60, 10_000),
-    "synth_vqa_test": ("test", 0, "textvqa", VQA_QTYPES, 120, 20_000),
+    "synth_vqa_val": ("validation", 0, "textvqa", VQA_QTYPES, 75, 10_000),
+    "synth_vqa_test": ("test", 0, "textvqa", VQA_QTYPES, 150, 20_000),
     "synth_pope_val": ("validation", 0, "pope", ("yesno",), 20, 30_000),
     "synth_pope_test": ("test", 0, "pope", ("yesno",), 40, 40_000),
-    "synth_vqa_train": ("validation", 1, "textvqa", VQA_QTYPES, 2000, 100_000),
+    "synth_vqa_train": ("validation", 1, "textvqa", VQA_QTYPES, 2500, 100_000),
     "synth_pope_train": ("validation", 1, "pope", ("yesno",), 400, 200_000),
 }
 

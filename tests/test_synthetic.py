@@ -25,8 +25,8 @@ TASKS_DIR = REPO / "tasks"
 
 # task name -> (split, number of docs, question types)
 TASKS = {
-    "synth_vqa_val": ("validation", 60, set(syn.VQA_QTYPES)),
-    "synth_vqa_test": ("test", 120, set(syn.VQA_QTYPES)),
+    "synth_vqa_val": ("validation", 75, set(syn.VQA_QTYPES)),
+    "synth_vqa_test": ("test", 150, set(syn.VQA_QTYPES)),
     "synth_pope_val": ("validation", 20, {"yesno"}),
     "synth_pope_test": ("test", 40, {"yesno"}),
 }
@@ -360,7 +360,7 @@ def test_tasks_build_offline(tasks, docs):
 
 
 def test_task_rows_are_the_generator_samples(docs):
-    vqa = syn.generate("test", 120, seed=0, qtypes=syn.VQA_QTYPES)
+    vqa = syn.generate("test", 150, seed=0, qtypes=syn.VQA_QTYPES)
     for doc, sample in zip(docs["synth_vqa_test"], vqa):
         assert (doc["image_id"], doc["question"], tuple(doc["answers"])) == (
             sample.sample_id,
@@ -515,7 +515,7 @@ def test_detail_questions_and_splits(details):
     scene = details[0].scene
     unmarked = syn.Scene(scene.size, scene.background, scene.shapes)
     assert repr(scene) == repr(unmarked) and "marks" not in repr(unmarked)
-    assert syn.QTYPES == ("color", "shape", "count", "read", "yesno") and "detail" not in syn.VQA_QTYPES
+    assert syn.QTYPES == ("color", "shape", "count", "read", "yesno") and "detail" in syn.VQA_QTYPES
 
 
 def test_erase_mark_leaves_the_scene_without_its_mark(details):

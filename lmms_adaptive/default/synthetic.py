@@ -9,7 +9,7 @@ derived from those same parameters, so it is right by construction. Six question
 - ``read``: "What number is written on the sign?": a 2-3 digit number on a sign on a large canvas,
   in the built-in 5x7 bitmap font (:data:`GLYPHS`);
 - ``detail``: "What color is the square in the <shape>?" about one small square mark inside one large
-  circle or hexagon of another colour (:data:`DETAIL_QTYPES`; not part of the task files' suites);
+  circle or hexagon of another colour, legible at 12 crops only (:data:`DETAIL_QTYPES`);
 - ``yesno``: POPE's form "Is there a <colour> shape in the image?" over 2-4 medium shapes, yes/no
   balanced; a "no" names a random absent colour or, adversarially, an absent look-alike of one present
   (:data:`LOOKALIKES`), as POPE's negatives are random or confusable objects. It asks for a colour, not
@@ -80,8 +80,8 @@ if TYPE_CHECKING:
     import datasets
 
 QTYPES = ("color", "shape", "count", "read", "yesno")
-VQA_QTYPES = ("color", "shape", "count", "read")
-DETAIL_QTYPES = ("detail",)  # generated on request (qtypes=...); QTYPES and the task files' suites leave it out
+VQA_QTYPES = ("color", "shape", "count", "read", "detail")  # the synth_vqa task files
+DETAIL_QTYPES = ("detail",)  # the recipe's detail-only steps (pretrain --detail-every); not in QTYPES, its mix
 SPLITS = ("train", "validation", "test")
 
 RGB = tuple[int, int, int]
