@@ -99,7 +99,7 @@ def test_the_cuda_grouped_path_agrees_and_compiles(rt: AdaptiveMolmoe, monkeypat
     cache = model.new_cache(20)
     cache.length = 5
     position = torch.tensor([cache.length])
-    k, v, mask = cache.decode_window(1, position)
+    (k, v), mask = cache.decode_window(1), cache.decode_mask(position)
     k, v = k.to(torch.bfloat16), v.to(torch.bfloat16)
     rope, eps = model.rope(position[None]), model.config.layer_norm_eps
     with torch.inference_mode():

@@ -862,6 +862,6 @@ def test_a_decode_token_attends_to_the_bucket_it_is_in_not_the_capacity(tiny_mod
     cache = tiny_model.new_cache(3 * bucket)
     for length, slots in ((0, bucket), (5, bucket), (bucket - 1, bucket), (bucket, 2 * bucket)):
         cache.length = length
-        keys, values, mask = cache.decode_window(0, torch.tensor([length]))
+        (keys, values), mask = cache.decode_window(0), cache.decode_mask(torch.tensor([length]))
         assert keys.shape[2] == values.shape[2] == slots and mask.shape == (1, 1, 1, slots)
         assert mask[0, 0, 0].tolist() == [i <= length for i in range(slots)]

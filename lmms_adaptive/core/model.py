@@ -229,15 +229,22 @@ class KVCache:
             self.v[block] = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.k[block], self.v[block]
 
-    def decode_window(self, block: int, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """What a decode token at `position` [1] (= `length`) attends to in the block: the first slots of its
-        keys and values [batch, heads, slots, head_dim], i.e. the positions held so far and its own rounded
-        up to a multiple of BUCKET (a compiled step sees a new shape once per bucket, not per token), and the
-        [1, 1, 1, slots] mask that hides the slots after the token."""
-        slots = -(-(self.length + 1) // self.BUCKET) * self.BUCKET
+    @property
+    def decode_slots(self) -> int:
+        """The slots a decode token at position `length` attends to: the positions held so far and its own,
+        rounded up to a multiple of BUCKET (a compiled step sees a new shape once per bucket, not per token)."""
+        return -(-(self.length + 1) // self.BUCKET) * self.BUCKET
+
+    def decode_mask(self, position: Tensor) -> Tensor:
+        """The [1, 1, 1, decode_slots] mask that shows a decode token at `position` [1] (= `length`) the slots
+        up to its own; the same for every block, so built once per token."""
+        return (torch.arange(self.decode_slots, device=position.device) <= position)[None, None, None]
+
+    def decode_window(self, block: int) -> tuple[Tensor, Tensor]:
+        """The block's keys and values [batch, heads, decode_slots, head_dim] a decode token attends to."""
         keys, values = self.buffers(block)
-        mask = (torch.arange(slots, device=position.device) <= position)[None, None, None]
-        return keys[:, :, :slots], values[:, :, :slots], mask
+        slots = self.decode_slots
+        return keys[:, :, :slots], values[:, :, :slots]
 
     def update(self, block: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write a chunk's keys/values at positions start.. and return the block's keys/values up to its end."""
@@ -484,9 +491,9 @@ def decode_block(
 ) -> Tensor:
     """One block over one decode token x [1, 1, D] at `position` [1]. `keys`/`values` [1, heads, slots,
     head_dim] are the block's cache window (`KVCache.decode_window`): the token's keys/values are written at
-    `position` (in place) and it attends to the slots `mask` [1, 1, 1, slots] shows. Everything a block
-    differs in is an input, so one compiled graph of this function per top-k serves every block of every
-    schedule at every position."""
+    `position` (in place) and it attends to the slots `mask` [1, 1, 1, slots] shows (`KVCache.decode_mask`).
+    Everything a block differs in is an input, so one compiled graph of this function per top-k serves every
+    block of every schedule at every position."""
     q, k, v = project_qkv(x, w.attn_norm, w.att_proj, w.q_norm, w.k_norm, rope, keys.shape[1], eps)
     keys.index_copy_(2, position, k)
     values.index_copy_(2, position, v)
@@ -657,11 +664,11 @@ class MolmoeForCausalLM(nn.Module):
         advances). Each scheduled block runs `step` (`decode_block`, or one compiled per top-k:
         `compiled_decode_block`) with that block's weights and its cache up to the token's bucket, so attention
         reads the positions held (rounded up), not the cache's capacity."""
-        rope = self.rope(position[None])
+        rope, mask = self.rope(position[None]), cache.decode_mask(position)
         blocks = self.model.transformer.blocks
         eps = self.config.layer_norm_eps
         for index, top_k in schedule.layers:
-            k, v, mask = cache.decode_window(index, position)
+            k, v = cache.decode_window(index)
             x = step(x, blocks[index].weights(), k, v, position, rope, mask, top_k, schedule.renormalize, eps)
         return self.logits(self.final_norm(x)[0, -1]).float()
 
