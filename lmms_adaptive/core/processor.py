@@ -13,7 +13,8 @@ Per image (see ``preprocess_image``):
 3. Every crop yields 12x12 pooled features; of the non-global crops only the features outside the
    overlap margins (except at the image border) are kept, so the kept ones tile the image once.
 
-All arrays are numpy; torch is used only for the antialiased bilinear resize.
+All arrays are numpy; torch is used only for the antialiased bilinear resize and the normalisation after it
+(in place, channels first; the same float32 arithmetic as numpy's).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer
+from torch import Tensor
 
 DROPPED = -100
 """``image_input_idx`` value of a pooled feature that is not added to any token."""
@@ -402,11 +404,11 @@ def _token_positions(tiling: tuple[int, int], cfg: VisionPreprocessConfig) -> np
 # --------------------------------------------------------------------------- pixels
 
 
-def _resize_bilinear(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bilinear resize of uint8 RGB, computed in float32 on [0, 1] and clipped."""
-    pixels = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+def _resize_bilinear(rgb: np.ndarray, height: int, width: int) -> Tensor:
+    """Antialiased bilinear resize of uint8 RGB [H, W, 3], computed in float32 on [0, 1] and clipped; [3, h, w]."""
+    pixels = torch.from_numpy(np.divide(rgb, np.float32(255), dtype=np.float32)).permute(2, 0, 1)[None]
     resized = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return resized.clamp_(0.0, 1.0)[0].permute(1, 2, 0).numpy()
+    return resized.clamp_(0.0, 1.0)[0]
 
 
 def fit_box(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -430,12 +432,13 @@ def resize_and_pad(
     """
     out_h, out_w = size
     new_h, new_w, top, left = fit_box(*rgb.shape[:2], size)
-    canvas = np.zeros((out_h, out_w, 3), dtype=np.float32)
-    canvas[top : top + new_h, left : left + new_w] = _resize_bilinear(rgb, new_h, new_w)
+    canvas = torch.zeros(3, out_h, out_w)  # channels first: the resize writes and normalises in place
+    canvas[:, top : top + new_h, left : left + new_w] = _resize_bilinear(rgb, new_h, new_w)
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (cfg.image_mean, cfg.image_std))
+    canvas.sub_(mean).div_(std)
     mask = np.zeros((out_h, out_w), dtype=bool)
     mask[top : top + new_h, left : left + new_w] = True
-    normalised = (canvas - np.array(cfg.image_mean, dtype=np.float32)) / np.array(cfg.image_std, dtype=np.float32)
-    return normalised, mask
+    return canvas.permute(1, 2, 0).contiguous().numpy(), mask
 
 
 def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
